@@ -1,0 +1,97 @@
+"""Command line for the recipes: `--preset NAME` plus one flag per config field.
+
+Flags are generated from the dataclasses in wider/config.py, so `--help` documents every field with the
+text written where it is declared. Only flags given on the command line override the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Optional, Sequence
+
+from wider import presets
+from wider.config import ConfigError, RunConfig
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_value(kind, text: str):
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin is typing.Union and type(None) in args:  # Optional[X]
+        if text.lower() in ("none", "null"):
+            return None
+        return _parse_value(next(a for a in args if a is not type(None)), text)
+    if kind is int:
+        return int(text)
+    if kind is float:
+        return float(text)
+    return text
+
+
+def build_parser(description: str, default_preset: str) -> argparse.ArgumentParser:
+    epilog = "presets:\n" + "\n".join(f"  {n:<16} {d}" for n, d in presets.describe())
+    p = argparse.ArgumentParser(description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=default_preset, help=f"Named preset (default {default_preset}); see below.")
+    p.add_argument("--config", default=None, help="A resolved config JSON (e.g. RUN_DIR/config.json) to start "
+                                                  "from instead of a preset; flags still override it.")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    seen: dict[str, str] = {}
+    hints = {sec: typing.get_type_hints(type(obj)) for sec, obj in RunConfig().sections().items()}
+    for sec, obj in RunConfig().sections().items():
+        g = p.add_argument_group(f"{sec} ({type(obj).__name__})")
+        for f in dataclasses.fields(obj):
+            assert f.name not in seen, f"flag clash: {sec}.{f.name} and {seen[f.name]}.{f.name}"
+            seen[f.name] = sec
+            kind = hints[sec][f.name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            helptext = f"{f.metadata.get('help', '')} [{sec}.{f.name}; base default {default!r}]"
+            dest = f"{sec}.{f.name}"
+            if kind is bool:
+                g.add_argument(_flag(f.name), dest=dest, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=helptext)
+            elif typing.get_origin(kind) is list or kind is list:
+                g.add_argument(_flag(f.name), dest=dest, nargs="+", default=argparse.SUPPRESS, help=helptext)
+            else:
+                g.add_argument(_flag(f.name), dest=dest, default=argparse.SUPPRESS, help=helptext,
+                               type=lambda s, k=kind, n=f.name: _checked(k, s, n), metavar=f.name.upper())
+    return p
+
+
+def _checked(kind, text: str, name: str):
+    try:
+        return _parse_value(kind, text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: {text!r} is not a valid "
+                                         f"{getattr(kind, '__name__', str(kind))}") from None
+
+
+def parse(argv: Optional[Sequence[str]] = None, description: str = "", default_preset: str = "gpt_smoke",
+          arch: Optional[str] = None) -> RunConfig:
+    """Parse the command line into a validated-for-shape RunConfig (parallel layout checked later)."""
+    import json
+
+    parser = build_parser(description, default_preset)
+    ns = parser.parse_args(argv)
+    try:
+        if ns.config:
+            with open(ns.config) as f:
+                cfg = RunConfig.from_dict(json.load(f))
+        else:
+            cfg = presets.get(ns.preset)
+        for key, value in vars(ns).items():
+            if "." in key:
+                sec, name = key.split(".", 1)
+                setattr(getattr(cfg, sec), name, value)
+        if arch is not None and cfg.model.arch != arch:
+            raise ConfigError(f"preset {cfg.preset!r} builds model.arch {cfg.model.arch!r}, but this recipe trains "
+                              f"{arch!r}; use the recipe for {cfg.model.arch!r} or another preset")
+        cfg.validate()
+    except (ConfigError, OSError, json.JSONDecodeError) as e:
+        parser.exit(2, f"error: {e}\n")
+    return cfg

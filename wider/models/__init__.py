@@ -1,0 +1,36 @@
+"""Model registry: each architecture names a builder, a parameter counter and its own config checks.
+
+The training loop knows a model only through this table (it never branches on the architecture).
+A built model's forward(tokens, position_ids, attention_mask, labels) returns the per-token LM loss [b, s].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from wider.models.gpt import ParamCount, build_gpt, count_gpt, validate_gpt
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    build: Callable  # (RunConfig, vocab_size, bf16) -> torch.nn.Module
+    count: Callable  # (RunConfig, vocab_size) -> ParamCount
+    validate: Callable  # (RunConfig, world_size or None) -> None, raises ConfigError
+    recipe: str  # the entry script that trains it
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt": Architecture("gpt", build_gpt, count_gpt, validate_gpt, "recipes/pretrain_gpt.py"),
+}
+
+
+def training_flops_per_token(cfg, pc: ParamCount) -> float:
+    """Training FLOPs per token, DESIGN section 7: 6 * N_active (embeddings and output layer included)
+    plus the attention score/value products 12 * layers * d_model * seq."""
+    m = cfg.model
+    return 6.0 * pc.active + 12.0 * m.num_layers * m.hidden_size * m.seq_length
+
+
+__all__ = ["ARCHITECTURES", "Architecture", "ParamCount", "training_flops_per_token"]

@@ -1,0 +1,168 @@
+"""Parallel set-up: process groups, the megatron <-> DeepSpeed adapter, device and seeds.
+
+One launch = world of ranks started by the `deepspeed` launcher (or torch.multiprocessing in tests).
+Tensor parallelism comes from megatron-core's parallel_state; data parallelism is the rest of the world;
+DeepSpeed learns the layout through `MegatronMPU`, the small adapter it expects (DeepSpeed calls
+`get_model_parallel_rank()` / `get_model_parallel_world_size()`, which parallel_state does not have).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Layout:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    tp_rank: int
+    dp: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(tensor_parallel: int = 1, timeout_s: int = 1800) -> Layout:
+    """Join the process group the launcher set up (env:// variables), or a one-rank group when started
+    without a launcher, then build megatron's tensor/data-parallel groups. gloo on CPU, nccl on GPU."""
+    import datetime
+
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % tensor_parallel != 0:
+        raise ValueError(f"tensor_parallel {tensor_parallel} does not divide the world size {world}; "
+                         "launch a multiple of it or lower --tensor-parallel")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    return current_layout()
+
+
+def current_layout() -> Layout:
+    from megatron.core import parallel_state as ps
+
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return Layout(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+        tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+        dp=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
+        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+    )
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MegatronMPU:
+    """What DeepSpeed asks of an `mpu`, answered from megatron-core's parallel_state (no pipeline
+    parallelism here, so "model parallel" = tensor parallel)."""
+
+    @staticmethod
+    def _ps():
+        from megatron.core import parallel_state
+
+        return parallel_state
+
+    def get_model_parallel_rank(self):
+        return self._ps().get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self._ps().get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self._ps().get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self):
+        return self._ps().get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self._ps().get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return self._ps().get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self._ps().get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_rank(self):
+        return self._ps().get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self._ps().get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self._ps().get_data_parallel_group()
+
+    def get_data_parallel_group_ranks(self):
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch identically on every rank (tensor-parallel shards are slices of one
+    CPU-initialised master weight, so every rank must draw the same numbers), then megatron's
+    model-parallel RNG tracker (CPU-capable through patches/cpu_rng_tracker.py)."""
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """Agree on a flag or a number across the world (used for the preemption flag)."""
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())

@@ -1,0 +1,109 @@
+"""Checkpoints: DeepSpeed's engine.save_checkpoint plus what makes them safe to resume from.
+
+Layout: RUN_DIR/checkpoints/step_00000120/ holds DeepSpeed's files (model, ZeRO optimizer shards), one RNG
+file per rank, and `complete.json`, written by rank 0 only after every rank has finished writing. A
+checkpoint without `complete.json` is ignored by `--resume auto` (a rank killed mid-save leaves one), so
+the previous complete checkpoint is never touched and is always the one resumed. Older complete
+checkpoints beyond `keep_checkpoints` and stale incomplete ones are deleted after a successful save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from wider import parallel
+
+TAG_RE = re.compile(r"^step_(\d{8})$")
+MARKER = "complete.json"
+
+
+def ckpt_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str, bool]]:
+    """(step, path, complete) for every checkpoint directory, oldest first."""
+    root = ckpt_root(run_dir)
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = TAG_RE.match(name)
+        if m:
+            path = os.path.join(root, name)
+            out.append((int(m.group(1)), path, os.path.isfile(os.path.join(path, MARKER))))
+    return sorted(out)
+
+
+def latest_complete(run_dir: str) -> Optional[str]:
+    done = [p for _, p, ok in list_checkpoints(run_dir) if ok]
+    return done[-1] if done else None
+
+
+def save(engine, run_dir: str, step: int, client_state: dict, keep: int) -> str:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    layout = parallel.current_layout()
+    root, tag = ckpt_root(run_dir), tag_for(step)
+    path = os.path.join(root, tag)
+    if layout.is_main and os.path.isdir(path):
+        shutil.rmtree(path)  # an incomplete attempt at this very step (complete ones are never re-saved)
+    dist.barrier()
+    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=True)
+    torch.save(parallel.rng_state(), os.path.join(path, f"rng_rank{layout.rank:05d}.pt.tmp"))
+    os.replace(os.path.join(path, f"rng_rank{layout.rank:05d}.pt.tmp"), os.path.join(path, f"rng_rank{layout.rank:05d}.pt"))
+    dist.barrier()  # every rank's files are on disk before the marker
+    if layout.is_main:
+        _atomic_write_json(os.path.join(path, MARKER), {"step": step, "world_size": layout.world_size,
+                                                         "tp": layout.tp, "dp": layout.dp, "time": time.time()})
+        _prune(run_dir, keep, current=path)
+    dist.barrier()
+    return path
+
+
+def _prune(run_dir: str, keep: int, current: str) -> None:
+    entries = list_checkpoints(run_dir)
+    complete = [p for _, p, ok in entries if ok]
+    doomed = [p for _, p, ok in entries if not ok and p != current]
+    if keep > 0:
+        doomed += complete[:-keep]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load(engine, path: str) -> dict:
+    """Load a checkpoint directory into the engine (model, optimizer, LR schedule) and restore this rank's
+    RNG states. Returns the client state saved with it."""
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        raise RuntimeError(f"checkpoint {path!r} is incomplete (no {MARKER}: a save was interrupted); resume "
+                           "from an earlier one or use --resume auto, which skips incomplete checkpoints")
+    root, tag = os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.normpath(path))
+    loaded, client = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path!r}")
+    rank = parallel.current_layout().rank
+    rng_file = os.path.join(path, f"rng_rank{rank:05d}.pt")
+    if os.path.isfile(rng_file):
+        parallel.set_rng_state(torch.load(rng_file, weights_only=False))
+    return client or {}

@@ -1,0 +1,287 @@
+"""The training loop: DeepSpeed engine, megatron-core data, evaluation, checkpoints, preemption.
+
+It knows the model only through the architecture registry (wider.models.ARCHITECTURES): a built model's
+forward(tokens, position_ids, attention_mask, labels) returns the per-token loss, and the loop never
+branches on which architecture it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from wider import ds_config, parallel
+from wider.config import ConfigError, RunConfig, cosine_lr, parse_blend
+from wider.data import SentencePieceTokenizer, build_datasets, micro_batch, unigram_entropy, unpack
+
+from wider.models import ARCHITECTURES, training_flops_per_token
+from wider.training import checkpoint
+from wider.training.metrics import Reporter, fmt_count
+from wider.training.preemption import Preemption
+
+
+@dataclass
+class Outcome:
+    step: int
+    reason: str  # "finished" | "exit_at_iter" | "preempted"
+    final_valid_loss: float | None
+    checkpoint: str | None
+
+
+def apex_available() -> bool:
+    try:
+        import apex  # noqa: F401
+        from apex.normalization import FusedLayerNorm  # noqa: F401 - the NVIDIA apex, not PyPI's "apex"
+
+        return True
+    except Exception:
+        return False
+
+
+def make_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (every 1-D parameter)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                             foreach=False)
+
+
+def lm_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    mask = loss_mask.float()
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _prepare_run_dir(cfg: RunConfig, layout) -> str | None:
+    """Create the run directory; decide which checkpoint to resume from (None = fresh start)."""
+    t = cfg.train
+    run_dir = t.run_dir
+    resume_from = None
+    if t.resume == "auto":
+        resume_from = checkpoint.latest_complete(run_dir)
+    elif t.resume != "none":
+        resume_from = t.resume
+        if not os.path.isdir(resume_from):
+            raise ConfigError(f"train.resume {resume_from!r} is not a checkpoint directory")
+    elif checkpoint.latest_complete(run_dir):
+        raise ConfigError(f"run_dir {run_dir!r} already holds checkpoints; continue it with --resume auto or "
+                          "start elsewhere with --run-dir")
+    if layout.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        tmp = os.path.join(run_dir, f"config.json.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(cfg.to_json())
+        os.replace(tmp, os.path.join(run_dir, "config.json"))
+    dist.barrier()
+    return resume_from
+
+
+def evaluate(engine, dataset, sample_ids: range, cfg: RunConfig, layout) -> tuple[float, int]:
+    """Mean per-token loss over the given samples (split across data-parallel ranks) and the token count."""
+    mb = cfg.train.micro_batch_size
+    mine = sample_ids[layout.dp_rank::layout.dp]
+    total = torch.zeros(2, dtype=torch.float64, device=layout.device)
+    engine.eval()
+    with torch.no_grad():
+        for i in range(0, len(mine), mb):
+            ids = mine[i:i + mb]
+            samples = [dataset[j] for j in ids]
+            batch = {k: torch.stack([s[k] for s in samples]).to(layout.device) for k in samples[0]}
+            tokens, pos, mask, labels, loss_mask = unpack(batch)
+            per_tok = engine(tokens, pos, mask, labels=labels)
+            lm = loss_mask.float()
+            total[0] += (per_tok.float() * lm).sum().double()
+            total[1] += lm.sum().double()
+    engine.train()
+    dist.all_reduce(total, group=_dp_group())
+    return float(total[0] / total[1].clamp(min=1)), int(total[1])
+
+
+def _dp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def run(cfg: RunConfig) -> Outcome:
+    """Train according to cfg (process groups are created here if the caller has not)."""
+    import deepspeed
+
+    t, m = cfg.train, cfg.model
+    layout = parallel.init_distributed(t.tensor_parallel)
+    cfg.validate(layout.world_size)
+    arch = ARCHITECTURES[m.arch]
+    resume_from = _prepare_run_dir(cfg, layout)
+    rep = Reporter(t.run_dir, layout.is_main, t.train_iters, cfg.to_json())
+
+    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
+    vocab = m.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size {vocab} is smaller than tokenizer {cfg.data.tokenizer}'s "
+                          f"{tokenizer.vocab_size} pieces; drop --vocab-size or use the matching tokenizer")
+
+    ds = ds_config.build(cfg, layout.dp)
+    bf16 = ds_config.uses_bf16(ds)
+    parallel.set_seed(t.seed)
+    model = arch.build(cfg, vocab, bf16)
+    counts = arch.count(cfg, vocab)
+    built = sum(p.numel() for p in model.parameters()) * layout.tp  # TP shards: same count per rank
+    fpt = training_flops_per_token(cfg, counts)
+    gas = ds["gradient_accumulation_steps"]
+    tokens_per_step = t.global_batch_size * m.seq_length
+    rep.info(f"wider | preset {cfg.preset} | arch {m.arch} | world {layout.world_size} (tp {layout.tp} x dp "
+             f"{layout.dp}) | {'cuda' if layout.device.type == 'cuda' else 'cpu'} | "
+             f"{'bf16' if bf16 else 'fp32'} | ZeRO {ds_config.zero_stage(ds)} | "
+             f"norm kernels: {'apex' if apex_available() else 'torch'}")
+    rep.info(f"params: total {fmt_count(counts.total)} | non-embedding {fmt_count(counts.non_embedding)} | "
+             f"active {fmt_count(counts.active)} | built {fmt_count(built)} | tokens/step "
+             f"{fmt_count(tokens_per_step)} (micro {t.micro_batch_size} x gas {gas} x dp {layout.dp} x seq "
+             f"{m.seq_length}) | train FLOPs/token {fmt_count(fpt)}")
+
+    optimizer = make_optimizer(model, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, t) / t.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds, mpu=parallel.MegatronMPU(), dist_init_required=False)
+
+    cache_dir = cfg.data.index_cache or os.path.join(os.path.dirname(os.path.abspath(t.run_dir)), ".index_cache")
+    periodic_samples = t.eval_iters * t.global_batch_size
+    splits = build_datasets(cfg, tokenizer, t.train_iters * t.global_batch_size, periodic_samples, cache_dir)
+    final_samples = (splits.valid_epoch_samples if t.final_eval_iters is None
+                     else t.final_eval_iters * t.global_batch_size)
+    final_samples = min(final_samples, len(splits.valid))
+
+    step = 0
+    if resume_from:
+        client = checkpoint.load(engine, resume_from)
+        step = int(client["step"])
+        saved = client.get("config", {}).get("model")
+        if saved is not None and saved != cfg.to_dict()["model"]:
+            raise ConfigError(f"checkpoint {resume_from!r} was trained with a different model config; "
+                              "resume with the run's own config (--config RUN_DIR/config.json)")
+        rep.info(f"resumed from {resume_from} at step {step}")
+
+    preempt = Preemption()
+    reason = "finished"
+    last_ckpt = None
+    stop_at = t.exit_at_iter or t.train_iters
+    window_tokens, window_t0 = 0, time.time()
+    losses: list[torch.Tensor] = []
+    norms: list[float | None] = []
+    client_state = lambda s: {"step": s, "consumed_samples": s * t.global_batch_size, "config": cfg.to_dict(),
+                              "tokenizer_sha256": tokenizer.sha256}
+
+    def save(s: int) -> str:
+        return checkpoint.save(engine, t.run_dir, s, client_state(s), t.keep_checkpoints)
+
+    try:
+        while step < stop_at:
+            step_loss = torch.zeros((), dtype=torch.float64, device=layout.device)
+            for micro in range(gas):
+                batch = micro_batch(splits.train, step, micro, t.global_batch_size, t.micro_batch_size, layout.dp,
+                                    layout.dp_rank, layout.device)
+                tokens, pos, mask, labels, loss_mask = unpack(batch)
+                loss = lm_loss(engine(tokens, pos, mask, labels=labels), loss_mask)
+                engine.backward(loss)
+                engine.step()
+                step_loss += loss.detach().double() / gas
+            step += 1
+            losses.append(step_loss)
+            gn = engine.get_global_grad_norm()
+            norms.append(float(gn) if gn is not None else None)
+            window_tokens += tokens_per_step
+
+            if step % t.log_interval == 0 or step == stop_at:
+                stacked = torch.stack(losses)
+                dist.all_reduce(stacked, group=_dp_group())
+                stacked = (stacked / layout.dp).tolist()
+                elapsed = time.time() - window_t0
+                tps = window_tokens / max(elapsed, 1e-9)
+                mfu = (fpt * tps / (t.peak_tflops * 1e12 * layout.world_size)
+                       if layout.device.type == "cuda" else None)
+                first = step - len(stacked) + 1
+                for i, (lv, nv) in enumerate(zip(stacked, norms)):
+                    rep.record({"kind": "train", "step": first + i, "loss": lv, "grad_norm": nv,
+                                "lr": cosine_lr(first + i - 1, t)})
+                lr_now = scheduler.get_last_lr()[0]
+                rep.scalars(step, {"train/loss": stacked[-1], "train/ppl": math.exp(min(stacked[-1], 50)),
+                                   "train/lr": lr_now, "train/grad_norm": norms[-1], "perf/tokens_per_s": tps,
+                                   "perf/mfu": mfu, "perf/memory_gb": _mem()})
+                rep.train_line(step, stacked[-1], lr_now, norms[-1], tps, mfu)
+                losses, norms = [], []
+                window_tokens, window_t0 = 0, time.time()
+
+            if t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
+                vl, vt = evaluate(engine, splits.valid, range(periodic_samples), cfg, layout)
+                rep.record({"kind": "eval", "step": step, "loss": vl, "tokens": vt})
+                rep.scalars(step, {"valid/loss": vl, "valid/ppl": math.exp(min(vl, 50))})
+                rep.eval_line(step, "valid", vl, vt)
+                window_t0 = time.time()  # do not count evaluation as training time
+
+            if preempt.agreed(layout.device):
+                reason = "preempted"
+                break
+            if t.save_interval and step % t.save_interval == 0 and step < stop_at:
+                last_ckpt = save(step)
+                window_t0 = time.time()
+        if step >= stop_at and stop_at < t.train_iters:
+            reason = "exit_at_iter"
+
+        last_ckpt = save(step)
+        final = None
+        if reason == "finished":
+            final, ftok = evaluate(engine, splits.valid, range(final_samples), cfg, layout)
+            rep.record({"kind": "final_eval", "step": step, "loss": final, "tokens": ftok})
+            rep.scalars(step, {"valid/loss": final, "valid/ppl": math.exp(min(final, 50))})
+            rep.eval_line(step, "final valid", final, ftok)
+            if layout.is_main:
+                _summary(cfg, rep, step, final, ftok, last_ckpt)
+        else:
+            rep.info(f"stopped at step {step} ({reason}{': ' + preempt.signal_name if preempt.signal_name else ''}); "
+                     f"checkpoint {last_ckpt}; continue with --resume auto")
+        return Outcome(step=step, reason=reason, final_valid_loss=final, checkpoint=last_ckpt)
+    finally:
+        preempt.restore()
+        rep.close()
+
+
+def _mem() -> float:
+    from wider.training.metrics import peak_memory_gb
+
+    return peak_memory_gb()
+
+
+def _summary(cfg: RunConfig, rep: Reporter, step: int, final: float, tokens: int, ckpt: str) -> None:
+    prefixes, _ = parse_blend(cfg.data.data_path)
+    h1, corpus_tokens = unigram_entropy(prefixes)
+    run_dir = os.path.abspath(cfg.train.run_dir)
+    summary = {"preset": cfg.preset, "steps": step, "final_valid_loss": final, "valid_tokens": tokens,
+               "unigram_entropy": h1, "nats_below_unigram": h1 - final, "corpus_tokens": corpus_tokens,
+               "seconds": time.time() - rep.t_start, "run_dir": run_dir, "checkpoint": os.path.abspath(ckpt),
+               "tensorboard": os.path.abspath(rep.tb_dir), "metrics": os.path.join(run_dir, "metrics.jsonl"),
+               "config": os.path.join(run_dir, "config.json")}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    rep.info("\n".join([
+        "",
+        "=" * 72,
+        f"done: {cfg.preset}, {step} steps in {summary['seconds']:.0f} s",
+        f"final validation loss {final:.4f} (ppl {math.exp(final):.2f}) on {tokens:,} held-out tokens",
+        f"unigram entropy of the corpus {h1:.4f} nats ({corpus_tokens:,} tokens): the model is "
+        f"{h1 - final:.3f} nats below it",
+        f"run directory  {run_dir}",
+        f"checkpoint     {summary['checkpoint']}",
+        f"tensorboard    {summary['tensorboard']}   (./run.sh tensorboard)",
+        f"metrics        {summary['metrics']}",
+        f"summary        {os.path.join(run_dir, 'summary.json')}",
+        "=" * 72,
+    ]))
+    sys.stdout.flush()

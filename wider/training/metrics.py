@@ -1,0 +1,98 @@
+"""What a run reports: TensorBoard scalars, a compact console line with an ETA, and metrics.jsonl.
+
+Only rank 0 writes. metrics.jsonl holds one record per optimizer step (loss, lr, grad norm) and one per
+evaluation, so that tests and scripts read exact numbers without parsing TensorBoard files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from typing import Optional
+
+import torch
+
+
+def fmt_count(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_time(s: float) -> str:
+    s = int(max(0, s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Reporter:
+    def __init__(self, run_dir: str, enabled: bool, total_steps: int, config_json: str):
+        self.enabled = enabled
+        self.total = total_steps
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb_dir = os.path.join(run_dir, "tensorboard")
+            self.writer = SummaryWriter(self.tb_dir)
+            self.writer.add_text("config", "```\n" + config_json + "\n```", 0)
+            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        self.t_start = time.time()
+        self.t_last = time.time()
+        self.steps_since = 0
+        self.start_step: Optional[int] = None
+
+    def record(self, rec: dict) -> None:
+        if self.jsonl:
+            self.jsonl.write(json.dumps(rec) + "\n")
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self.writer:
+            for k, v in values.items():
+                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    self.writer.add_scalar(k, v, step)
+
+    def train_line(self, step: int, loss: float, lr: float, grad_norm: Optional[float], tokens_per_s: float,
+                   mfu: Optional[float], extra: str = "") -> None:
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step = step
+        done = step - self.start_step
+        elapsed = time.time() - self.t_start
+        eta = elapsed / max(done, 1) * (self.total - step)
+        gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"
+        mfu_s = f"{mfu:.3f}" if mfu is not None else "-"
+        print(f"step {step:>6}/{self.total} | loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.1f} | lr {lr:.2e} | "
+              f"gnorm {gn} | {fmt_count(tokens_per_s)} tok/s | mfu {mfu_s} | mem {peak_memory_gb():.2f}G | "
+              f"eta {fmt_time(eta)}{extra}", flush=True)
+
+    def eval_line(self, step: int, name: str, loss: float, tokens: int) -> None:
+        if self.enabled:
+            print(f"eval  {step:>6}/{self.total} | {name} loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f} | "
+                  f"{fmt_count(tokens)} tokens", flush=True)
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.flush()
+            self.writer.close()
+        if self.jsonl:
+            self.jsonl.close()
+        sys.stdout.flush()

@@ -13,7 +13,7 @@ def main(arch: str, doc: str, argv=None) -> int:
     import patches
 
     patches.apply_defaults()
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    quiet_libraries()
     from wider.config import ConfigError
     from wider.data import DataError
     from wider.training import loop
@@ -32,3 +32,18 @@ def main(arch: str, doc: str, argv=None) -> int:
 
 def _default_preset(arch: str) -> str:
     return {"gpt": "gpt_smoke"}.get(arch, f"{arch}_smoke")
+
+
+def quiet_libraries() -> None:
+    """Keep the console to wider's own lines: DeepSpeed's INFO chatter and known-harmless warnings off."""
+    import logging
+
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass

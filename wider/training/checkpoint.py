@@ -70,6 +70,7 @@ def save(engine, run_dir: str, step: int, client_state: dict, keep: int) -> str:
         shutil.rmtree(path)  # an incomplete attempt at this very step (complete ones are never re-saved)
     dist.barrier()
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=True)
+    _fault_injection(step, layout.rank)
     torch.save(parallel.rng_state(), os.path.join(path, f"rng_rank{layout.rank:05d}.pt.tmp"))
     os.replace(os.path.join(path, f"rng_rank{layout.rank:05d}.pt.tmp"), os.path.join(path, f"rng_rank{layout.rank:05d}.pt"))
     dist.barrier()  # every rank's files are on disk before the marker
@@ -107,3 +108,16 @@ def load(engine, path: str) -> dict:
     if os.path.isfile(rng_file):
         parallel.set_rng_state(torch.load(rng_file, weights_only=False))
     return client or {}
+
+
+def _fault_injection(step: int, rank: int) -> None:
+    """WIDER_FAULT_KILL_IN_SAVE=STEP:RANK kills that rank with SIGKILL right after DeepSpeed wrote its files
+    for that step and before the checkpoint is marked complete: the failure the marker exists for. Used by
+    tests/test_training.py; unset in normal runs."""
+    spec = os.environ.get("WIDER_FAULT_KILL_IN_SAVE")
+    if spec:
+        at_step, at_rank = (int(x) for x in spec.split(":"))
+        if step == at_step and rank == at_rank:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)

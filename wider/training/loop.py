@@ -170,6 +170,7 @@ def run(cfg: RunConfig) -> Outcome:
         rep.info(f"resumed from {resume_from} at step {step}")
 
     preempt = Preemption()
+    rep.begin(step)
     reason = "finished"
     last_ckpt = None
     stop_at = t.exit_at_iter or t.train_iters
@@ -211,7 +212,7 @@ def run(cfg: RunConfig) -> Outcome:
                 for i, (lv, nv) in enumerate(zip(stacked, norms)):
                     rep.record({"kind": "train", "step": first + i, "loss": lv, "grad_norm": nv,
                                 "lr": cosine_lr(first + i - 1, t)})
-                lr_now = scheduler.get_last_lr()[0]
+                lr_now = cosine_lr(step - 1, t)  # the rate this step used
                 rep.scalars(step, {"train/loss": stacked[-1], "train/ppl": math.exp(min(stacked[-1], 50)),
                                    "train/lr": lr_now, "train/grad_norm": norms[-1], "perf/tokens_per_s": tps,
                                    "perf/mfu": mfu, "perf/memory_gb": _mem()})

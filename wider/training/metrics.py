@@ -18,7 +18,7 @@ import torch
 
 
 def fmt_count(n: float) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, div in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return f"{n:.0f}"
@@ -55,6 +55,11 @@ class Reporter:
         self.steps_since = 0
         self.start_step: Optional[int] = None
 
+    def begin(self, step: int) -> None:
+        """Training starts (or resumes) at `step`: the ETA counts from here."""
+        self.start_step = step
+        self.t_start = time.time()
+
     def record(self, rec: dict) -> None:
         if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")
@@ -69,9 +74,7 @@ class Reporter:
                    mfu: Optional[float], extra: str = "") -> None:
         if not self.enabled:
             return
-        if self.start_step is None:
-            self.start_step = step
-        done = step - self.start_step
+        done = step - (self.start_step or 0)
         elapsed = time.time() - self.t_start
         eta = elapsed / max(done, 1) * (self.total - step)
         gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"

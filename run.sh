@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# wider: set up on first use, then run a preset, the tests, or TensorBoard.
+#
+#   ./run.sh                     set up (first time), prepare the embedded corpus, train the default preset
+#   ./run.sh PRESET [flags...]   train a named preset; flags go to the recipe (see ./run.sh PRESET --help)
+#   ./run.sh test [pytest args]  run the test suite (what CI runs)
+#   ./run.sh tensorboard         serve runs/ on port 6006 (WIDER_TB_PORT to change)
+#   ./run.sh info PRESET         parameters, FLOPs and tokens per step of a preset
+#   ./run.sh --help              this text and the presets
+#
+# Environment: WIDER_PYTHON (interpreter for the venv, default python3.11 or python3), WIDER_CPU_RANKS (CPU
+# ranks when there is no GPU, default 2), OMP_NUM_THREADS (threads per CPU rank, default 1),
+# WIDER_NUM_GPUS (GPUs to use, default all), WIDER_TORCH_INDEX (pip index for torch on CPU-only machines).
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV=$ROOT/.venv
+PY=$VENV/bin/python
+DEFAULT_PRESET=gpt_smoke
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+setup() {
+  local stamp=$VENV/.wider-setup
+  local want
+  want=$(cat requirements.txt run.sh | sha256sum | cut -c1-16)
+  if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then return 0; fi
+  echo "[wider] setting up $VENV (first use or requirements changed)"
+  local base=${WIDER_PYTHON:-$(command -v python3.11 || command -v python3)}
+  [[ -x $PY ]] || "$base" -m venv "$VENV"
+  "$PY" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+  local torch_pin
+  torch_pin=$(grep -E '^torch==' requirements.txt)
+  if has_gpu; then
+    "$PY" -m pip install -q "$torch_pin" 2>&1 | grep -v "is ignored" || true
+  else
+    # A CPU build of torch: the +cpu wheel (found locally on the development machines) or PyTorch's CPU index.
+    "$PY" -m pip install -q "${torch_pin}+cpu" 2>&1 | grep -v "is ignored" || \
+      "$PY" -m pip install -q "$torch_pin" --index-url "${WIDER_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+  fi
+  "$PY" -m pip install -q -r requirements.txt 2>&1 | grep -v "is ignored" || true
+  "$PY" -c "import torch, deepspeed, megatron.core, sentencepiece, tensorboard" 2>/dev/null || {
+    echo "[wider] set-up failed: the packages in requirements.txt do not import; see the pip output above" >&2
+    exit 1; }
+  if ! has_gpu; then
+    # DeepSpeed compiles a shared-memory communication op with g++ at first use on CPU (about a minute):
+    # do it now, once, rather than inside the first run or test.
+    echo "[wider] building DeepSpeed's CPU communication op (once)"
+    "$PY" -W ignore -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
+      >/dev/null 2>&1 || echo "[wider] note: DeepSpeed's shm op did not build; gloo is used without it"
+  fi
+  echo "$want" > "$stamp"
+}
+
+usage() {
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  echo
+  echo "presets:"
+  "$PY" -W ignore -c "from wider.presets import describe
+for n, d in describe(): print(f'  {n:<16} {d}')"
+}
+
+prepare_embedded() {
+  "$PY" -W ignore data_prep/prepare_embedded.py --out-dir cache/embedded
+}
+
+launch() {
+  local preset=$1; shift
+  local arch
+  arch=$("$PY" -W ignore -c "import sys; from wider.presets import get
+try: print(get(sys.argv[1]).model.arch)
+except ValueError as e: sys.exit(f'error: {e}')" "$preset")
+  local recipe=recipes/pretrain_${arch}.py
+  # The embedded corpus is the default data of every preset; it is prepared once and cached.
+  prepare_embedded
+  if has_gpu; then
+    local n=${WIDER_NUM_GPUS:-$(nvidia-smi -L | wc -l)}
+    exec "$VENV/bin/deepspeed" --num_gpus "$n" "$recipe" --preset "$preset" "$@"
+  else
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    exec "$VENV/bin/deepspeed" --num_gpus "${WIDER_CPU_RANKS:-2}" "$recipe" --preset "$preset" "$@"
+  fi
+}
+
+cmd=${1:-$DEFAULT_PRESET}
+case "$cmd" in
+  -h|--help|help) setup; usage ;;
+  test) shift; setup; export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; exec "$PY" -m pytest -q tests "$@" ;;
+  tensorboard) shift; setup; exec "$VENV/bin/tensorboard" --logdir runs --port "${WIDER_TB_PORT:-6006}" --bind_all "$@" ;;
+  info) shift; setup; exec "$PY" -W ignore -m wider.info --preset "$@" ;;
+  prepare) shift; setup; prepare_embedded ;;
+  -*) setup; launch "$DEFAULT_PRESET" "$@" ;;
+  *) shift || true; setup; launch "$cmd" "$@" ;;
+esac

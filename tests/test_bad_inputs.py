@@ -50,7 +50,7 @@ def test_tokenizer_that_does_not_match_the_data(embedded, tmp_path):
     spm.SentencePieceTrainer.Train(input=str(text), model_prefix=str(tmp_path / "small"), vocab_size=40,
                                    model_type="bpe", minloglevel=2)
     p = _run(["--data-path", embedded["prefix"], "--tokenizer", str(tmp_path / "small.model")], tmp_path)
-    assert p.returncode == 2 and "tokenized with" in p.stderr or "another tokenizer" in p.stderr, p.stderr[-2000:]
+    assert p.returncode == 2 and ("tokenized with" in p.stderr or "another tokenizer" in p.stderr), p.stderr[-2000:]
 
 
 def test_model_vocab_smaller_than_tokenizer(data_args, tmp_path):

@@ -66,8 +66,10 @@ def save(engine, run_dir: str, step: int, client_state: dict, keep: int) -> str:
     layout = parallel.current_layout()
     root, tag = ckpt_root(run_dir), tag_for(step)
     path = os.path.join(root, tag)
+    if os.path.isfile(os.path.join(path, MARKER)):
+        return path  # already saved (a resumed run that stops where it started): never rewrite a good one
     if layout.is_main and os.path.isdir(path):
-        shutil.rmtree(path)  # an incomplete attempt at this very step (complete ones are never re-saved)
+        shutil.rmtree(path)  # an incomplete attempt at this very step
     dist.barrier()
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=True)
     _fault_injection(step, layout.rank)

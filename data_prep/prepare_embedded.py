@@ -1,0 +1,91 @@
+"""Prepare the embedded corpus for the default presets: tokenizer + indexed dataset, once, then cached.
+
+    python data_prep/prepare_embedded.py                  # -> cache/embedded/
+    python data_prep/prepare_embedded.py --out-dir /tmp/emb --vocab-size 4000
+
+Writes OUT/tokenizer.{model,vocab,json} and OUT/kjv_text_document.{bin,idx,json}. The corpus's chapters are
+shuffled with a fixed seed before tokenization, so that megatron's contiguous train/valid/test split draws
+held-out chapters from every book rather than only the last ones (Revelation and the epistles).
+OUT/stamp.json records the corpus SHA-256 and the settings; a second call with the same inputs returns at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import lzma
+import os
+import random
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make `data_prep` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_prep.preprocess_data import preprocess  # noqa: E402
+from data_prep.train_tokenizer import train_tokenizer  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CORPUS = os.path.join(HERE, "corpus", "kjv.jsonl.xz")
+FORMAT = 1  # bump when the preparation changes, so that caches are rebuilt
+SHUFFLE_SEED = 1611
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def prepare_embedded(out_dir: str = "cache/embedded", vocab_size: int = 8000, workers: int = 1,
+                     quiet: bool = False) -> dict:
+    """Returns {"tokenizer": path to .model, "prefix": dataset prefix, "cached": bool, ...}."""
+    os.makedirs(out_dir, exist_ok=True)
+    tok_prefix = os.path.join(out_dir, "tokenizer")
+    prefix = os.path.join(out_dir, "kjv_text_document")
+    stamp_path = os.path.join(out_dir, "stamp.json")
+    want = {"format": FORMAT, "corpus_sha256": _sha256(CORPUS), "vocab_size": vocab_size, "model_type": "bpe",
+            "shuffle_seed": SHUFFLE_SEED}
+    result = {"tokenizer": tok_prefix + ".model", "prefix": prefix, "out_dir": os.path.abspath(out_dir)}
+    files = [tok_prefix + ".model", tok_prefix + ".json", prefix + ".bin", prefix + ".idx", prefix + ".json"]
+    if os.path.isfile(stamp_path) and all(os.path.isfile(f) for f in files):
+        with open(stamp_path) as f:
+            if json.load(f) == want:
+                if not quiet:
+                    print(f"embedded corpus: cached in {out_dir}")
+                return {**result, "cached": True}
+    t0 = time.time()
+    if os.path.exists(stamp_path):
+        os.remove(stamp_path)
+    with lzma.open(CORPUS, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    random.Random(SHUFFLE_SEED).shuffle(docs)
+    shuffled = os.path.join(out_dir, "kjv_shuffled.jsonl")
+    with open(shuffled + ".tmp", "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    os.replace(shuffled + ".tmp", shuffled)
+    train_tokenizer([shuffled], tok_prefix, vocab_size=vocab_size, quiet=quiet)
+    summary = preprocess([shuffled], tok_prefix + ".model", prefix, workers=workers, quiet=quiet)
+    os.remove(shuffled)
+    with open(stamp_path + ".tmp", "w") as f:
+        json.dump(want, f, indent=2)
+    os.replace(stamp_path + ".tmp", stamp_path)
+    if not quiet:
+        print(f"embedded corpus: {summary['documents']} chapters, {summary['tokens']:,} tokens -> {out_dir} "
+              f"({time.time() - t0:.1f} s)")
+    return {**result, "cached": False, "tokens": summary["tokens"], "documents": summary["documents"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default="cache/embedded", help="Where to write (default cache/embedded).")
+    p.add_argument("--vocab-size", type=int, default=8000, help="Tokenizer vocabulary (default 8000).")
+    p.add_argument("--workers", type=int, default=1, help="Tokenizer processes (the corpus is small: 1).")
+    a = p.parse_args(argv)
+    prepare_embedded(a.out_dir, a.vocab_size, a.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

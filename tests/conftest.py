@@ -29,6 +29,11 @@ def child_env(**extra) -> dict:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"})
     env.pop("WIDER_FAULT_KILL_IN_SAVE", None)
+    # An in-process test may have set up a process group in this pytest process (its rendezvous port is
+    # still listening): a child must not inherit that rank layout.
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
+              "CROSS_RANK", "CROSS_SIZE"):
+        env.pop(k, None)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

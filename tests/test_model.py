@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -112,3 +113,25 @@ def test_eod_mask_isolates_documents_end_to_end(single_rank):
                 assert diff == 0.0
             else:
                 assert diff > 1e-4
+
+
+def test_blended_datasets_from_two_prefixes_with_cached_indices(single_rank, embedded, tmp_path):
+    """megatron's BlendedMegatronDatasetBuilder over two weighted prefixes; indices cached on disk."""
+    import shutil
+
+    from wider.data import SentencePieceTokenizer, build_datasets
+
+    second = str(tmp_path / "copy")
+    for ext in (".bin", ".idx"):
+        shutil.copy(embedded["prefix"] + ext, second + ext)
+    cfg = _cfg()
+    cfg.data.data_path = ["0.25", embedded["prefix"], "0.75", second]
+    tok = SentencePieceTokenizer(embedded["tokenizer"])
+    splits = build_datasets(cfg, tok, train_samples=400, valid_samples=16, cache_dir=str(tmp_path / "cache"))
+    assert len(splits.train) >= 400 and splits.valid_epoch_samples > 100
+    picked = [int(splits.train.dataset_index[i]) for i in range(400)]
+    share = picked.count(1) / len(picked)
+    assert 0.65 < share < 0.85, share  # the 0.75-weighted prefix
+    sample = splits.train[0]
+    assert sample["tokens"].shape == (cfg.model.seq_length,) and sample["labels"].shape == sample["tokens"].shape
+    assert any(f.endswith(".npy") for _, _, fs in os.walk(tmp_path / "cache") for f in fs)

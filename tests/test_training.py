@@ -65,7 +65,21 @@ def test_checkpoints_written_and_marked_complete(two_ranks):
         assert (two_ranks / "checkpoints" / c / "rng_rank00001.pt").exists()
     summary = json.loads((two_ranks / "summary.json").read_text())
     assert summary["steps"] == STEPS
-    assert any(f.name.startswith("events.out.tfevents") for f in (two_ranks / "tensorboard").iterdir())
+
+
+def test_tensorboard_events_hold_the_run(two_ranks):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(two_ranks / "tensorboard"))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/ppl", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/memory_gb",
+                "valid/loss", "valid/ppl"):
+        assert tag in scalars, (tag, scalars)
+    losses = {e.step: e.value for e in acc.Scalars("train/loss")}
+    jsonl = train_losses(two_ranks)
+    assert losses and all(abs(losses[s] - jsonl[s]) < 1e-6 for s in losses)
+    assert acc.Tags()["tensors"], "the resolved config is missing from the text tab"
 
 
 def test_resume_after_exit_at_step_k_equals_uninterrupted(data_args, two_ranks, tmp_path):

@@ -147,11 +147,11 @@ def build_datasets(cfg: RunConfig, tokenizer: SentencePieceTokenizer, train_samp
     split = ",".join(str(x) for x in parse_split(d.split))
     os.makedirs(cache_dir, exist_ok=True)
 
-    def make(sizes):
+    def make(sizes, blend=(prefixes, weights)):
         conf = GPTDatasetConfig(
             random_seed=cfg.train.seed,
             sequence_length=m.seq_length,
-            blend=(prefixes, weights),
+            blend=blend,
             split=split,
             path_to_cache=cache_dir,
             tokenizer=tokenizer,
@@ -168,13 +168,20 @@ def build_datasets(cfg: RunConfig, tokenizer: SentencePieceTokenizer, train_samp
                             f"{d.split!r} and seq_length {m.seq_length}: {e}. A split may be too small "
                             "for one sequence: use more data, a shorter --seq-length or another --split") from e
 
-    # One epoch of the validation split tells how many distinct held-out samples there are.
-    _, valid_epoch, _ = make([1, None, None])
-    if valid_epoch is None or len(valid_epoch) == 0:
-        raise DataError(f"the validation split of {d.data_path} (split {d.split!r}) holds no complete "
-                        f"sequence of {m.seq_length + 1} tokens; give it more documents")
-    train, valid, _ = make([train_samples, max(valid_samples, 1), None])
-    return Splits(train=train, valid=valid, valid_epoch_samples=len(valid_epoch))
+    # One epoch of the validation split tells how many distinct held-out samples there are. megatron
+    # only builds a size-less (one epoch) split without weights, so a weighted blend counts per prefix.
+    epoch = 0
+    for blend in ([(prefixes, None)] if weights is None else [([p], None) for p in prefixes]):
+        _, valid_epoch, _ = make([1, None, None], blend)
+        if valid_epoch is None or len(valid_epoch) == 0:
+            raise DataError(f"the validation split of {blend[0][0] if weights else d.data_path} (split "
+                            f"{d.split!r}) holds no complete sequence of {m.seq_length + 1} tokens; "
+                            "give it more documents")
+        epoch += len(valid_epoch)
+    # A weighted blend is exactly as long as asked: ask for a full epoch so the final eval can cover it.
+    valid_size = max(valid_samples, 1) if weights is None else max(valid_samples, epoch)
+    train, valid, _ = make([train_samples, valid_size, 0])  # 0, not None: weighted blends need a size
+    return Splits(train=train, valid=valid, valid_epoch_samples=epoch)
 
 
 def micro_batch(dataset, step: int, micro: int, global_batch: int, micro_batch_size: int, dp: int,

@@ -77,7 +77,7 @@ except ValueError as e: sys.exit(f'error: {e}')" "$preset")
     local n=${WIDER_NUM_GPUS:-$(nvidia-smi -L | wc -l)}
     exec "$VENV/bin/deepspeed" --num_gpus "$n" "$recipe" --preset "$preset" "$@"
   else
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # cpu: skips the CUDA probe and its warning
     exec "$VENV/bin/deepspeed" --num_gpus "${WIDER_CPU_RANKS:-2}" "$recipe" --preset "$preset" "$@"
   fi
 }

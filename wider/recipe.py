@@ -7,13 +7,13 @@ import warnings
 
 
 def main(arch: str, doc: str, argv=None) -> int:
+    quiet_libraries()  # before anything imports megatron-core, which warns at import time
     from wider import cli
 
     cfg = cli.parse(argv, description=doc, default_preset=_default_preset(arch), arch=arch)
     import patches
 
     patches.apply_defaults()
-    quiet_libraries()
     from wider.config import ConfigError
     from wider.data import DataError
     from wider.training import loop
@@ -38,7 +38,7 @@ def quiet_libraries() -> None:
     """Keep the console to wider's own lines: DeepSpeed's INFO chatter and known-harmless warnings off."""
     import logging
 
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*Apex (is|are) not installed.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
     try:

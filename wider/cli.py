@@ -87,6 +87,8 @@ def parse(argv: Optional[Sequence[str]] = None, description: str = "", default_p
         for key, value in vars(ns).items():
             if "." in key:
                 sec, name = key.split(".", 1)
+                if key == "train.ds_set":  # adds to the preset's overrides (later ones win)
+                    value = list(cfg.train.ds_set) + list(value)
                 setattr(getattr(cfg, sec), name, value)
         if arch is not None and cfg.model.arch != arch:
             raise ConfigError(f"preset {cfg.preset!r} builds model.arch {cfg.model.arch!r}, but this recipe trains "

@@ -34,7 +34,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - `help` mirror
 class ModelConfig:
     """Transformer shape and numerics. Defaults describe a tiny dense GPT."""
 
-    arch: str = _f("gpt", "Model builder, one of wider.models.ARCHITECTURES (e.g. 'gpt').")
+    arch: str = _f("gpt", "Model builder, one of wider.models.ARCHITECTURES: 'gpt' (dense), 'gpt_moe' "
+                          "(Switch / GLaM: MoE in every or every other layer), 'widenet' (one attention and "
+                          "one MoE shared by every block, per-block LayerNorms).")
     num_layers: int = _f(2, "Number of transformer blocks.")
     hidden_size: int = _f(128, "Model width d_model.")
     num_attention_heads: int = _f(4, "Attention heads; must divide hidden_size and be divisible by the "
@@ -58,12 +60,26 @@ class ModelConfig:
     attention_dropout: float = _f(0.0, "Dropout on attention probabilities, in [0, 1); 0 = off.")
     init_method_std: float = _f(0.02, "Std of the normal weight initialisation (output projections are "
                                       "scaled by 1/sqrt(2 * num_layers), as in megatron-core).")
+    num_experts: int = _f(0, "Experts per MoE layer; 0 = no MoE (arch 'gpt'). Capacity, aux-loss weights and "
+                             "ep_size are in the ds_config \"moe\" block (DESIGN section 4).")
+    moe_top_k: int = _f(2, "Experts each token is routed to (1 = Switch, 2 = GLaM / WideNet).")
+    moe_ffn_hidden_size: Optional[int] = _f(None, "Width of each expert FFN; None = the dense FFN width.")
+    moe_layer_freq: int = _f(1, "gpt_moe: every N-th block has an MoE FFN, the others a dense FFN (1 = every "
+                                "block; 2 = blocks 2, 4, ... as in Switch / GLaM). widenet: must be 1.")
+    router_noise: str = _f("none", "Router logit noise in training: 'none', or 'inverse_experts' (Gaussian, "
+                                   "std 1/num_experts, as WideNet's official code).")
+    router_renormalize: bool = _f(False, "Rescale the top-k router probabilities to sum to 1 (GShard / "
+                                         "DeepSpeed top-2); off for WideNet and Switch.")
     recompute: str = _f("none", "Activation recompute: 'none' or 'full' (every block, with non-reentrant "
                                 "torch.utils.checkpoint; see patches/nonreentrant_recompute.py).")
 
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def expert_ffn_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_size
 
 
 @dataclass
@@ -105,8 +121,13 @@ class TrainConfig:
     clip_grad: float = _f(1.0, "Global gradient-norm clipping threshold; 0 = off.")
     seed: int = _f(1234, "Seed for initialisation, data order and dropout.")
     tensor_parallel: int = _f(1, "Tensor-parallel size (megatron-core); must divide the world size.")
-    ds_config: str = _f("auto", "DeepSpeed JSON (ZeRO stage, precision, communication); 'auto' = "
-                                "ds_configs/cpu_smoke.json on CPU, ds_configs/zero1_bf16.json on GPU.")
+    ds_config: str = _f("auto", "DeepSpeed JSON (ZeRO stage, precision, communication, the \"moe\" block); "
+                                "'auto' = ds_configs/cpu_smoke.json on CPU, ds_configs/zero1_bf16.json on "
+                                "GPU (moe_cpu.json / moe_zero1_bf16.json for models with experts).")
+    ds_set: list = _f([], "Overrides of single ds_config keys, KEY=VALUE with a dotted key and a JSON value, "
+                          "e.g. moe.ep_size=2 moe.capacity_factor=null zero_optimization.stage=2; applied "
+                          "after reading the file (presets use it for their papers' MoE settings; on the "
+                          "command line --ds-set adds to the preset's list, later entries win).")
     eval_interval: int = _f(50, "Evaluate on the validation split every N steps; 0 = only at the end.")
     eval_iters: int = _f(8, "Global batches per periodic evaluation (the same batches every time).")
     final_eval_iters: Optional[int] = _f(None, "Global batches for the final evaluation; None = the "

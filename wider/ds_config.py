@@ -39,16 +39,19 @@ DERIVED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accum
            "gradient_clipping")
 
 
-def default_path() -> str:
+def default_path(moe: bool = False) -> str:
     import torch
 
-    name = "zero1_bf16.json" if torch.cuda.is_available() else "cpu_smoke.json"
+    if moe:
+        name = "moe_zero1_bf16.json" if torch.cuda.is_available() else "moe_cpu.json"
+    else:
+        name = "zero1_bf16.json" if torch.cuda.is_available() else "cpu_smoke.json"
     return os.path.join(REPO, "ds_configs", name)
 
 
-def resolve_path(path: str) -> str:
+def resolve_path(path: str, moe: bool = False) -> str:
     if path == "auto":
-        return default_path()
+        return default_path(moe)
     if not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(REPO, path)):
         return os.path.join(REPO, path)
     return path
@@ -99,14 +102,59 @@ def check(d: dict, path: str) -> None:
     for block in ("bf16", "zero_optimization", "moe"):
         if block in d and not isinstance(d[block], dict):
             raise ConfigError(f"ds_config {path!r}: {block!r} must be an object, got {d[block]!r}")
+    if "expert_parallel" in d:
+        ep = d["expert_parallel"].get("ep_size") if isinstance(d["expert_parallel"], dict) else None
+        raise ConfigError(f"ds_config {path!r} has DeepSpeed's own 'expert_parallel' (AutoEP) block"
+                          f"{f' with ep_size {ep}' if ep is not None else ''}: AutoEP would replace the model's "
+                          "MoE layers, and ep_size has one home in wider, moe.ep_size. Move it there and remove "
+                          "the 'expert_parallel' block")
+    moe_settings(d, path)
+
+
+def moe_settings(d: dict, path: str = "ds_config"):
+    """The validated "moe" block (defaults for absent keys)."""
+    from wider.moe.settings import MoESettings, MoESettingsError
+
+    try:
+        return MoESettings.from_block(d.get("moe"), f"ds_config {path!r}")
+    except (MoESettingsError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def apply_overrides(d: dict, items: list, path: str) -> dict:
+    """KEY=VALUE overrides with dotted keys (moe.ep_size=2); VALUE parsed as JSON, else taken as a string."""
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--ds-set {item!r} is not KEY=VALUE with a dotted KEY (e.g. moe.ep_size=2)")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        node = d
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--ds-set {item!r}: {part!r} in ds_config {path!r} is not an object")
+            node = child
+        node[parts[-1]] = value
+    return d
 
 
 def build(cfg: RunConfig, dp: int, path: Optional[str] = None) -> dict:
     """The complete DeepSpeed dict for a run with data-parallel size dp."""
-    path = resolve_path(path or cfg.train.ds_config)
-    d = load(path)
+    t, m = cfg.train, cfg.model
+    path = resolve_path(path or t.ds_config, moe=m.num_experts > 0)
+    d = apply_overrides(load(path), t.ds_set, path)
     check(d, path)
-    t = cfg.train
+    if m.num_experts > 0:
+        from wider.moe.settings import MoESettingsError
+
+        try:
+            moe_settings(d, path).check_layout(m.num_experts, m.moe_top_k, dp, f"ds_config {path!r}")
+        except MoESettingsError as e:
+            raise ConfigError(str(e)) from None
     gas, rem = divmod(t.global_batch_size, t.micro_batch_size * dp)
     if rem or gas < 1:
         raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size "

@@ -90,3 +90,90 @@ def gpt_1b3() -> RunConfig:
     cfg = gpt_350m()
     return replace(cfg, model=dict(hidden_size=2048),
                    train=dict(lr=2e-4, min_lr=2e-5, ds_config="ds_configs/zero2_bf16.json"))
+
+
+# --- WideNet (DESIGN 5.4): one attention + one MoE shared by every block; 4 experts, top-2, capacity 1.2,
+# balance loss 0.01 at every call, router noise N(0, 1/E), no renormalisation. ---
+
+WIDENET_MOE = ["moe.capacity_factor=1.2", "moe.aux_loss_weight=0.01", "moe.z_loss_weight=0.0"]
+
+
+@preset
+def widenet_smoke() -> RunConfig:
+    """WideNet 4 blocks x 128 sharing one attention and one 4-expert top-2 MoE: the CPU default run."""
+    cfg = gpt_smoke()
+    return replace(
+        cfg,
+        model=dict(arch="widenet", num_experts=4, moe_top_k=2, moe_ffn_hidden_size=512, router_noise="inverse_experts",
+                   router_renormalize=False),
+        train=dict(ds_config="auto", ds_set=list(WIDENET_MOE)),
+    )
+
+
+@preset
+def widenet_b() -> RunConfig:
+    """WideNet-B as a language model: 12 blocks x 768, 12 heads, 4 experts x 4096, top-2; seq 2048, bf16."""
+    cfg = gpt_125m()
+    return replace(
+        cfg,
+        model=dict(arch="widenet", num_experts=4, moe_top_k=2, moe_ffn_hidden_size=4096,
+                   router_noise="inverse_experts", router_renormalize=False),
+        train=dict(ds_config="ds_configs/moe_zero1_bf16.json", ds_set=list(WIDENET_MOE)),
+    )
+
+
+@preset
+def widenet_l() -> RunConfig:
+    """WideNet-L as a language model: 24 blocks x 1024, 16 heads, 4 experts x 4096, top-2."""
+    cfg = widenet_b()
+    return replace(cfg, model=dict(num_layers=24, hidden_size=1024, num_attention_heads=16, moe_ffn_hidden_size=4096),
+                   train=dict(lr=3e-4, min_lr=3e-5))
+
+
+@preset
+def widenet_h() -> RunConfig:
+    """WideNet-H as a language model: 32 blocks x 1280, 16 heads, 4 experts x 5120, top-2, ZeRO-2."""
+    cfg = widenet_l()
+    return replace(cfg, model=dict(num_layers=32, hidden_size=1280, moe_ffn_hidden_size=5120),
+                   train=dict(lr=2e-4, min_lr=2e-5, ds_config="ds_configs/moe_zero2_bf16.json"))
+
+
+# --- Switch / GLaM baselines (DESIGN 5.3): MoE every other block, balance 0.01, z-loss 1e-3. ---
+
+SWITCH_MOE = ["moe.capacity_factor=1.25", "moe.aux_loss_weight=0.01", "moe.z_loss_weight=0.001"]
+
+
+@preset
+def switch_smoke() -> RunConfig:
+    """Switch (top-1) GPT 4x128, 8 experts in every other block: CPU smoke."""
+    cfg = gpt_smoke()
+    return replace(
+        cfg,
+        model=dict(arch="gpt_moe", num_experts=8, moe_top_k=1, moe_layer_freq=2, router_renormalize=False),
+        train=dict(ds_config="auto", ds_set=list(SWITCH_MOE)),
+    )
+
+
+@preset
+def glam_smoke() -> RunConfig:
+    """GLaM (top-2, renormalised) GPT 4x128, 8 experts in every other block: CPU smoke."""
+    cfg = switch_smoke()
+    return replace(cfg, model=dict(moe_top_k=2, router_renormalize=True))
+
+
+@preset
+def switch_125m() -> RunConfig:
+    """Switch GPT 12x768 (GPT-3 Small shape), 16 experts top-1 in every other block; seq 2048, bf16."""
+    cfg = gpt_125m()
+    return replace(
+        cfg,
+        model=dict(arch="gpt_moe", num_experts=16, moe_top_k=1, moe_layer_freq=2, router_renormalize=False),
+        train=dict(ds_config="ds_configs/moe_zero1_bf16.json", ds_set=list(SWITCH_MOE)),
+    )
+
+
+@preset
+def glam_125m() -> RunConfig:
+    """GLaM GPT 12x768, 16 experts top-2 (renormalised) in every other block; seq 2048, bf16."""
+    cfg = switch_125m()
+    return replace(cfg, model=dict(moe_top_k=2, router_renormalize=True))

@@ -31,7 +31,7 @@ def main(arch: str, doc: str, argv=None) -> int:
 
 
 def _default_preset(arch: str) -> str:
-    return {"gpt": "gpt_smoke"}.get(arch, f"{arch}_smoke")
+    return {"gpt": "gpt_smoke", "gpt_moe": "switch_smoke"}.get(arch, f"{arch}_smoke")
 
 
 def quiet_libraries() -> None:
@@ -41,6 +41,14 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*Apex (is|are) not installed.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+
+    class _DropKnownMlpWarning(logging.Filter):
+        # megatron's TransformerLayer logs "Unknown MLP type" for any MLP slot it does not know; wider's
+        # MoE slot (wider.models.gpt_moe.MoEMLP) takes no extra arguments, so the message is noise.
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Unknown MLP type" not in record.getMessage()
+
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_DropKnownMlpWarning())
     try:
         from deepspeed.utils import logger as ds_logger
 

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from wider.models.gpt import ParamCount, build_gpt, count_gpt, validate_gpt
+from wider.models.gpt_moe import build_gpt_moe, count_gpt_moe, validate_gpt_moe
+from wider.models.widenet import build_widenet, count_widenet, validate_widenet
 
 
 @dataclass(frozen=True)
 class Architecture:
     name: str
-    build: Callable  # (RunConfig, vocab_size, bf16) -> torch.nn.Module
+    build: Callable  # (RunConfig, vocab_size, bf16, MoESettings or None) -> torch.nn.Module
     count: Callable  # (RunConfig, vocab_size) -> ParamCount
     validate: Callable  # (RunConfig, world_size or None) -> None, raises ConfigError
     recipe: str  # the entry script that trains it
@@ -23,6 +25,8 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt": Architecture("gpt", build_gpt, count_gpt, validate_gpt, "recipes/pretrain_gpt.py"),
+    "gpt_moe": Architecture("gpt_moe", build_gpt_moe, count_gpt_moe, validate_gpt_moe, "recipes/pretrain_gpt_moe.py"),
+    "widenet": Architecture("widenet", build_widenet, count_widenet, validate_widenet, "recipes/pretrain_widenet.py"),
 }
 
 

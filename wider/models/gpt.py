@@ -72,7 +72,7 @@ def gpt_layer_spec(m: ModelConfig):
     return spec
 
 
-def build_gpt(cfg: RunConfig, vocab_size: int, bf16: bool = False):
+def build_gpt(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe=None):
     """Build the dense GPT (megatron parallel_state must be initialised). Returns a module whose
     forward(tokens, position_ids, attention_mask, labels) gives the per-token loss [b, s]."""
     from megatron.core.models.gpt import GPTModel
@@ -141,4 +141,9 @@ def count_gpt(cfg: RunConfig, vocab_size: int) -> ParamCount:
 
 
 def validate_gpt(cfg: RunConfig, world_size: Optional[int]) -> None:
-    """Nothing beyond the common checks in wider.config.validate."""
+    """The dense model has no experts."""
+    from wider.config import ConfigError
+
+    if cfg.model.num_experts:
+        raise ConfigError(f"model.num_experts {cfg.model.num_experts} with arch 'gpt' (dense); use --arch gpt_moe "
+                          "or --arch widenet for a model with experts, or --num-experts 0")

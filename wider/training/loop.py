@@ -22,6 +22,7 @@ from wider.config import ConfigError, RunConfig, cosine_lr, parse_blend
 from wider.data import SentencePieceTokenizer, build_datasets, micro_batch, unigram_entropy, unpack
 
 from wider.models import ARCHITECTURES, training_flops_per_token
+from wider.moe import stats as moe_stats
 from wider.training import checkpoint
 from wider.training.metrics import Reporter, fmt_count
 from wider.training.preemption import Preemption
@@ -46,12 +47,21 @@ def apex_available() -> bool:
 
 
 def make_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (every 1-D parameter)."""
+    """AdamW; no weight decay on biases and norm weights (every 1-D parameter).
+
+    Expert parameters (tagged allreduce=False by wider.moe) go into their own groups, marked 'moe', as
+    DeepSpeed's ZeRO requires: it reduces and partitions those over the expert-data-parallel group."""
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay, "weight_decay": t.weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    if any(is_moe_param(p) for p in decay + no_decay):
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                              foreach=False)
 
@@ -85,8 +95,9 @@ def _prepare_run_dir(cfg: RunConfig, layout) -> str | None:
     return resume_from
 
 
-def evaluate(engine, dataset, sample_ids: range, cfg: RunConfig, layout) -> tuple[float, int]:
-    """Mean per-token loss over the given samples (split across data-parallel ranks) and the token count."""
+def evaluate(engine, dataset, sample_ids: range, cfg: RunConfig, layout, window=None) -> tuple[float, int]:
+    """Mean per-token loss over the given samples (split across data-parallel ranks) and the token count.
+    window: a wider.moe.stats.Window that collects the MoE statistics of these forward passes."""
     mb = cfg.train.micro_batch_size
     mine = sample_ids[layout.dp_rank::layout.dp]
     total = torch.zeros(2, dtype=torch.float64, device=layout.device)
@@ -97,7 +108,10 @@ def evaluate(engine, dataset, sample_ids: range, cfg: RunConfig, layout) -> tupl
             samples = [dataset[j] for j in ids]
             batch = {k: torch.stack([s[k] for s in samples]).to(layout.device) for k in samples[0]}
             tokens, pos, mask, labels, loss_mask = unpack(batch)
+            moe_stats.clear(engine.module)
             per_tok = engine(tokens, pos, mask, labels=labels)
+            if window is not None:
+                window.add(moe_stats.take(engine.module)[1])
             lm = loss_mask.float()
             total[0] += (per_tok.float() * lm).sum().double()
             total[1] += lm.sum().double()
@@ -131,10 +145,18 @@ def run(cfg: RunConfig) -> Outcome:
 
     ds = ds_config.build(cfg, layout.dp)
     bf16 = ds_config.uses_bf16(ds)
+    moe = ds_config.moe_settings(ds) if m.num_experts else None
+    if moe is not None:
+        from wider.moe.layer import ensure_expert_groups
+
+        ensure_expert_groups(moe.ep_size)  # before the build: each rank initialises only its experts
     parallel.set_seed(t.seed)
-    model = arch.build(cfg, vocab, bf16)
+    model = arch.build(cfg, vocab, bf16, moe)
     counts = arch.count(cfg, vocab)
-    built = sum(p.numel() for p in model.parameters()) * layout.tp  # TP shards: same count per rank
+    ep = moe.ep_size if moe else 1
+    # TP shards hold the same count per rank; EP ranks hold 1/ep of the experts (tagged allreduce=False).
+    built = sum(p.numel() * (ep if getattr(p, "allreduce", True) is False else layout.tp)
+                for p in model.parameters())
     fpt = training_flops_per_token(cfg, counts)
     gas = ds["gradient_accumulation_steps"]
     tokens_per_step = t.global_batch_size * m.seq_length
@@ -142,6 +164,10 @@ def run(cfg: RunConfig) -> Outcome:
              f"{layout.dp}) | {'cuda' if layout.device.type == 'cuda' else 'cpu'} | "
              f"{'bf16' if bf16 else 'fp32'} | ZeRO {ds_config.zero_stage(ds)} | "
              f"norm kernels: {'apex' if apex_available() else 'torch'}")
+    if moe is not None:
+        rep.info(f"moe: {m.num_experts} experts x {m.expert_ffn_size} wide, top-{m.moe_top_k} | capacity factor "
+                 f"{moe.capacity_factor_for(True)} (eval {moe.capacity_factor_for(False)}, min {moe.min_capacity}) "
+                 f"| aux {moe.aux_loss_weight} z {moe.z_loss_weight} | ep_size {moe.ep_size}")
     rep.info(f"params: total {fmt_count(counts.total)} | non-embedding {fmt_count(counts.non_embedding)} | "
              f"active {fmt_count(counts.active)} | built {fmt_count(built)} | tokens/step "
              f"{fmt_count(tokens_per_step)} (micro {t.micro_batch_size} x gas {gas} x dp {layout.dp} x seq "
@@ -176,7 +202,9 @@ def run(cfg: RunConfig) -> Outcome:
     stop_at = t.exit_at_iter or t.train_iters
     window_tokens, window_t0 = 0, time.time()
     losses: list[torch.Tensor] = []
+    auxes: list[torch.Tensor] = []
     norms: list[float | None] = []
+    moe_window = moe_stats.Window()
     client_state = lambda s: {"step": s, "consumed_samples": s * t.global_batch_size, "config": cfg.to_dict(),
                               "tokenizer_sha256": tokenizer.sha256}
 
@@ -186,42 +214,58 @@ def run(cfg: RunConfig) -> Outcome:
     try:
         while step < stop_at:
             step_loss = torch.zeros((), dtype=torch.float64, device=layout.device)
+            step_aux = torch.zeros((), dtype=torch.float64, device=layout.device)
             for micro in range(gas):
                 batch = micro_batch(splits.train, step, micro, t.global_batch_size, t.micro_batch_size, layout.dp,
                                     layout.dp_rank, layout.device)
                 tokens, pos, mask, labels, loss_mask = unpack(batch)
+                moe_stats.clear(engine.module)
                 loss = lm_loss(engine(tokens, pos, mask, labels=labels), loss_mask)
-                engine.backward(loss)
+                aux, records = moe_stats.take(engine.module)  # before backward (recompute re-records)
+                engine.backward(loss if aux is None else loss + aux)
                 engine.step()
                 step_loss += loss.detach().double() / gas
+                if aux is not None:
+                    step_aux += aux.detach().double() / gas
+                    moe_window.add(records)
             step += 1
             losses.append(step_loss)
+            auxes.append(step_aux)
             gn = engine.get_global_grad_norm()
             norms.append(float(gn) if gn is not None else None)
             window_tokens += tokens_per_step
 
             if step % t.log_interval == 0 or step == stop_at:
-                stacked = torch.stack(losses)
-                dist.all_reduce(stacked, group=_dp_group())
-                stacked = (stacked / layout.dp).tolist()
+                both = torch.stack([torch.stack(losses), torch.stack(auxes)])
+                dist.all_reduce(both, group=_dp_group())
+                stacked, aux_vals = (both / layout.dp).tolist()
+                moe_now = moe_window.reduce(_dp_group())
                 elapsed = time.time() - window_t0
                 tps = window_tokens / max(elapsed, 1e-9)
                 mfu = (fpt * tps / (t.peak_tflops * 1e12 * layout.world_size)
                        if layout.device.type == "cuda" else None)
                 first = step - len(stacked) + 1
-                for i, (lv, nv) in enumerate(zip(stacked, norms)):
+                for i, (lv, nv, av) in enumerate(zip(stacked, norms, aux_vals)):
                     rep.record({"kind": "train", "step": first + i, "loss": lv, "grad_norm": nv,
-                                "lr": cosine_lr(first + i - 1, t)})
+                                "lr": cosine_lr(first + i - 1, t), **({"aux_loss": av} if moe else {})})
                 lr_now = cosine_lr(step - 1, t)  # the rate this step used
                 rep.scalars(step, {"train/loss": stacked[-1], "train/ppl": math.exp(min(stacked[-1], 50)),
                                    "train/lr": lr_now, "train/grad_norm": norms[-1], "perf/tokens_per_s": tps,
                                    "perf/mfu": mfu, "perf/memory_gb": _mem()})
-                rep.train_line(step, stacked[-1], lr_now, norms[-1], tps, mfu)
-                losses, norms = [], []
+                extra = ""
+                if moe_now:
+                    rep.scalars(step, {"train/aux_loss": aux_vals[-1]})
+                    rep.moe_scalars(step, "train", moe_now)
+                    extra = (f" | drop {100 * moe_stats.mean_over(moe_now, 'dropped'):.1f}% | bal "
+                             f"{moe_stats.mean_over(moe_now, 'balance'):.3f}")
+                rep.train_line(step, stacked[-1], lr_now, norms[-1], tps, mfu, extra)
+                losses, auxes, norms = [], [], []
                 window_tokens, window_t0 = 0, time.time()
 
             if t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
-                vl, vt = evaluate(engine, splits.valid, range(periodic_samples), cfg, layout)
+                eval_window = moe_stats.Window()
+                vl, vt = evaluate(engine, splits.valid, range(periodic_samples), cfg, layout, eval_window)
+                _report_eval_moe(rep, step, eval_window)
                 rep.record({"kind": "eval", "step": step, "loss": vl, "tokens": vt})
                 rep.scalars(step, {"valid/loss": vl, "valid/ppl": math.exp(min(vl, 50))})
                 rep.eval_line(step, "valid", vl, vt)
@@ -239,7 +283,9 @@ def run(cfg: RunConfig) -> Outcome:
         last_ckpt = save(step)
         final = None
         if reason == "finished":
-            final, ftok = evaluate(engine, splits.valid, range(final_samples), cfg, layout)
+            eval_window = moe_stats.Window()
+            final, ftok = evaluate(engine, splits.valid, range(final_samples), cfg, layout, eval_window)
+            _report_eval_moe(rep, step, eval_window)
             rep.record({"kind": "final_eval", "step": step, "loss": final, "tokens": ftok})
             rep.scalars(step, {"valid/loss": final, "valid/ppl": math.exp(min(final, 50))})
             rep.eval_line(step, "final valid", final, ftok)
@@ -252,6 +298,14 @@ def run(cfg: RunConfig) -> Outcome:
     finally:
         preempt.restore()
         rep.close()
+
+
+def _report_eval_moe(rep: Reporter, step: int, window) -> None:
+    """Expert load on the validation tokens: scalars and the blocks x experts heatmap."""
+    summaries = window.reduce(_dp_group())
+    if summaries:
+        rep.moe_scalars(step, "valid", summaries)
+        rep.moe_heatmap(step, summaries)
 
 
 def _mem() -> float:

@@ -6,6 +6,7 @@ evaluation, so that tests and scripts read exact numbers without parsing TensorB
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -87,6 +88,38 @@ class Reporter:
         if self.enabled:
             print(f"eval  {step:>6}/{self.total} | {name} loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f} | "
                   f"{fmt_count(tokens)} tokens", flush=True)
+
+    def moe_scalars(self, step: int, split: str, summaries: dict) -> None:
+        """Per MoE call (block): dropped fraction, router entropy, balance and z-loss, and each expert's share
+        of the routed assignments (per expert only up to 16 experts; min / max share beyond)."""
+        if not self.writer:
+            return
+        for label, s in summaries.items():
+            E = len(s.load)
+            values = {f"moe_{split}/{label}/dropped": s.dropped, f"moe_{split}/{label}/router_entropy": s.entropy,
+                      f"moe_{split}/{label}/balance_loss": s.balance, f"moe_{split}/{label}/z_loss": s.z,
+                      f"moe_{split}/{label}/load_max_x_E": max(s.load) * E,
+                      f"moe_{split}/{label}/load_min_x_E": min(s.load) * E}
+            if E <= 16:
+                values.update({f"moe_{split}_load/{label}/expert{e:02d}": v for e, v in enumerate(s.load)})
+            self.scalars(step, values)
+        self.record({"kind": f"moe_{split}", "step": step,
+                     **{label: dataclasses.asdict(s) for label, s in summaries.items()}})
+
+    def moe_heatmap(self, step: int, summaries: dict, cell: int = 12) -> None:
+        """Image of expert load, one row per MoE call (block), one column per expert. Colour: load x E, i.e.
+        1 (white) = uniform share; blue = under-used (0 = never chosen); red = over-used (>= 2x its share)."""
+        if not self.writer or not summaries:
+            return
+        import numpy as np
+
+        load = np.array([s.load for s in summaries.values()], dtype=np.float64) * len(next(iter(summaries.values())).load)
+        x = np.clip(load, 0.0, 2.0) - 1.0  # [-1, 1]
+        white = np.ones(x.shape + (3,))
+        blue, red = np.array([0.13, 0.4, 0.85]), np.array([0.85, 0.15, 0.1])
+        rgb = np.where((x < 0)[..., None], white + (-x)[..., None] * (blue - 1), white + x[..., None] * (red - 1))
+        img = np.kron(rgb.transpose(2, 0, 1), np.ones((1, cell, cell)))  # [3, blocks*cell, experts*cell]
+        self.writer.add_image("moe/expert_load_blocks_x_experts", img.astype(np.float32), step)
 
     def info(self, msg: str) -> None:
         if self.enabled:

@@ -1,0 +1,148 @@
+"""Switch / GLaM baselines: megatron-core's GPT with wider's MoE in the MLP slot of every or every other block.
+
+The layer spec is the dense GPT's (wider.models.gpt) with the MLP slot of the MoE blocks filled by
+`MoEMLP`, an adapter that holds a `wider.moe.layer.MoE` (DeepSpeed-recognised, see its docstring). Switch
+(Fedus et al.): top-1, MoE every other block; GLaM (Du et al.): top-2, every other block. The dense GPT is
+the third baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+from wider.config import ConfigError, ModelConfig, RunConfig
+from wider.models.gpt import (ParamCount, _norm, attention_params, embedding_params, ffn_params, gpt_layer_spec,
+                              padded_vocab_size, transformer_config)
+from wider.moe.experts import scaled_output_std
+from wider.moe.router import widenet_noise_std
+from wider.moe.settings import MoESettings
+
+
+class MoEMLP(torch.nn.Module):
+    """megatron-core MLP slot holding a wider MoE: forward(hidden [s, b, h]) -> (output, None).
+
+    Tokens are flattened in megatron's [s, b] order, so the capacity's "token order" is position-major."""
+
+    def __init__(self, config, moe_kwargs: dict):
+        super().__init__()
+        self.config = config
+        from wider.moe.layer import MoE
+
+        self.moe = MoE(**moe_kwargs)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None, **_):
+        out, _aux, _counts = self.moe(hidden_states)
+        return out, None
+
+
+def moe_kwargs(m: ModelConfig, settings: MoESettings, label: str, shared: bool = False) -> dict:
+    """Arguments of wider.moe.layer.MoE for this model config."""
+    noise = widenet_noise_std(m.num_experts) if m.router_noise == "inverse_experts" else 0.0
+    return dict(hidden_size=m.hidden_size, num_experts=m.num_experts, top_k=m.moe_top_k,
+                ffn_size=m.expert_ffn_size, settings=settings, activation=m.activation, noise_std=noise,
+                renormalize=m.router_renormalize, init_std=m.init_method_std,
+                output_std=scaled_output_std(m.init_method_std, m.num_layers), label=label, shared=shared)
+
+
+def moe_layer_spec(m: ModelConfig, settings: MoESettings, label: str, shared: bool = False):
+    """The dense layer spec with the MLP slot holding an MoE."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    spec = copy.deepcopy(gpt_layer_spec(m))
+    spec.submodules.mlp = ModuleSpec(module=MoEMLP, params={"moe_kwargs": moe_kwargs(m, settings, label, shared)})
+    return spec
+
+
+def is_moe_block(m: ModelConfig, index: int) -> bool:
+    """Block `index` (0-based) has an MoE FFN: every moe_layer_freq-th block, counting from 1."""
+    return (index + 1) % m.moe_layer_freq == 0
+
+
+def block_specs(m: ModelConfig, settings: MoESettings):
+    """megatron TransformerBlockSubmodules: one layer spec per block, and the final norm."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    dense = gpt_layer_spec(m)
+    specs = [moe_layer_spec(m, settings, f"layer{i + 1:02d}") if is_moe_block(m, i) else dense
+             for i in range(m.num_layers)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=dense.submodules.input_layernorm)
+
+
+def gpt_model(cfg: RunConfig, vocab_size: int, bf16: bool, layer_specs):
+    from megatron.core.models.gpt import GPTModel
+
+    m, tp = cfg.model, cfg.train.tensor_parallel
+    return GPTModel(
+        config=transformer_config(m, tp, bf16),
+        transformer_layer_spec=layer_specs,
+        vocab_size=padded_vocab_size(vocab_size, m, tp),
+        max_sequence_length=m.seq_length,
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type=m.position_embedding,
+        rotary_base=m.rotary_base,
+        parallel_output=True,
+    )
+
+
+def build_gpt_moe(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe: Optional[MoESettings] = None):
+    """megatron-core GPT with MoE blocks (parallel_state and, for ep_size > 1, DeepSpeed's expert groups
+    must exist: wider.parallel.init_distributed creates both)."""
+    return gpt_model(cfg, vocab_size, bf16, block_specs(cfg.model, moe or MoESettings()))
+
+
+def expert_params(m: ModelConfig) -> int:
+    """One expert FFN (no biases)."""
+    f = m.expert_ffn_size
+    return m.hidden_size * f * (2 if m.activation == "swiglu" else 1) + f * m.hidden_size
+
+
+def moe_params(m: ModelConfig) -> tuple[int, int]:
+    """(all parameters of one MoE layer, the parameters one token applies in it): router + experts."""
+    router = m.hidden_size * m.num_experts
+    return router + m.num_experts * expert_params(m), router + m.moe_top_k * expert_params(m)
+
+
+def count_gpt_moe(cfg: RunConfig, vocab_size: int) -> ParamCount:
+    m = cfg.model
+    vocab = padded_vocab_size(vocab_size, m, cfg.train.tensor_parallel)
+    emb = embedding_params(m, vocab)
+    moe_total, moe_active = moe_params(m)
+    base = 2 * _norm(m) + attention_params(m)
+    n_moe = sum(is_moe_block(m, i) for i in range(m.num_layers))
+    n_dense = m.num_layers - n_moe
+    total = emb + _norm(m) + m.num_layers * base + n_dense * ffn_params(m) + n_moe * moe_total
+    active = emb + _norm(m) + m.num_layers * base + n_dense * ffn_params(m) + n_moe * moe_active
+    return ParamCount(total=total, embedding=emb, active=active,
+                      extra={"padded_vocab": vocab, "moe_layers": n_moe, "expert_params": expert_params(m),
+                             "moe_layer_params": moe_total})
+
+
+def validate_moe_common(cfg: RunConfig, world_size: Optional[int]) -> None:
+    m, t = cfg.model, cfg.train
+
+    def req(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    req(isinstance(m.num_experts, int) and m.num_experts >= 1,
+        f"model.num_experts must be >= 1 for arch {m.arch!r}, got {m.num_experts!r}; for a dense model use "
+        "--arch gpt")
+    req(isinstance(m.moe_top_k, int) and 1 <= m.moe_top_k <= m.num_experts,
+        f"model.moe_top_k {m.moe_top_k!r} must be in [1, num_experts={m.num_experts}]")
+    req(m.moe_ffn_hidden_size is None or m.moe_ffn_hidden_size > 0,
+        f"model.moe_ffn_hidden_size must be positive or None, got {m.moe_ffn_hidden_size!r}")
+    req(m.router_noise in ("none", "inverse_experts"),
+        f"model.router_noise {m.router_noise!r} is invalid; use 'none' or 'inverse_experts'")
+    req(t.tensor_parallel == 1,
+        f"train.tensor_parallel {t.tensor_parallel}: wider's expert layers are not tensor-parallel; scale MoE "
+        "models with expert parallelism (moe.ep_size in the ds_config) and ZeRO instead")
+
+
+def validate_gpt_moe(cfg: RunConfig, world_size: Optional[int]) -> None:
+    validate_moe_common(cfg, world_size)
+    m = cfg.model
+    if not (isinstance(m.moe_layer_freq, int) and 1 <= m.moe_layer_freq <= m.num_layers):
+        raise ConfigError(f"model.moe_layer_freq {m.moe_layer_freq!r} must be in [1, num_layers={m.num_layers}]")

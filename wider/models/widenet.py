@@ -1,0 +1,99 @@
+"""WideNet (Xue et al., "Go Wider Instead of Deeper"): one attention and one MoE shared by every block.
+
+Each block keeps its own two LayerNorms (pre-LN: x + attn(ln1_i(x)), then x + moe(ln2_i(x))); a final
+LayerNorm precedes the output layer. Routing follows the official code (DESIGN 5.4): softmax over
+f(x) + eps with eps ~ N(0, 1/E) in training only, top-k weights not renormalised.
+
+Built from megatron-core pieces: the GPT model from the MoE layer spec (wider.models.gpt_moe) for block 1,
+and blocks 2..N from the same spec with empty (IdentityOp) attention and MLP slots. The attention and MoE
+of block 1 are then moved onto the decoder (`decoder.shared_attention`, `decoder.shared_moe`) and every
+block's slots point at them through `SharedRef`, a plain reference that is not a registered submodule.
+So the shared weights appear exactly once in parameters(), in the state dict and in DeepSpeed's expert
+checkpoint files (a module registered under N parents would be saved N times and, with expert
+parallelism, loaded from the wrong rank's copy), while megatron's TransformerLayer code runs unchanged.
+
+Aux losses: the shared MoE's balance (and z) loss is computed at every call, i.e. once per block, each
+weighted by moe.aux_loss_weight, and the N values are summed into the loss (WideNet adds the load-balance
+loss of every MoE call). Statistics are reported per call: block00 ... block{N-1}.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+from wider.config import ConfigError, RunConfig
+from wider.models.gpt import ParamCount, _norm, attention_params, embedding_params, padded_vocab_size
+from wider.models.gpt_moe import gpt_model, moe_layer_spec, moe_params, validate_moe_common
+from wider.moe.settings import MoESettings
+
+
+class SharedRef:
+    """Calls and attribute reads go to a module registered elsewhere; not itself a submodule."""
+
+    def __init__(self, module: torch.nn.Module):
+        object.__setattr__(self, "module", module)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+    def __repr__(self) -> str:
+        return f"SharedRef({type(self.module).__name__})"
+
+
+def _point_at(layer: torch.nn.Module, slot: str, module: torch.nn.Module) -> None:
+    layer._modules.pop(slot, None)
+    layer.__dict__[slot] = SharedRef(module)
+
+
+def widenet_block_specs(cfg: RunConfig, settings: MoESettings):
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    m = cfg.model
+    first = moe_layer_spec(m, settings, "shared_moe", shared=True)
+    rest = copy.deepcopy(first)
+    rest.submodules.self_attention = IdentityOp  # filled with SharedRefs after construction
+    rest.submodules.mlp = IdentityOp
+    return TransformerBlockSubmodules(layer_specs=[first] + [rest] * (m.num_layers - 1),
+                                      layer_norm=first.submodules.input_layernorm)
+
+
+def build_widenet(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe: Optional[MoESettings] = None):
+    model = gpt_model(cfg, vocab_size, bf16, widenet_block_specs(cfg, moe or MoESettings()))
+    decoder = model.decoder
+    first = decoder.layers[0]
+    decoder.shared_attention = first.self_attention
+    decoder.shared_moe = first.mlp
+    for layer in decoder.layers:
+        _point_at(layer, "self_attention", decoder.shared_attention)
+        _point_at(layer, "mlp", decoder.shared_moe)
+    return model
+
+
+def count_widenet(cfg: RunConfig, vocab_size: int) -> ParamCount:
+    """Unique = embeddings + one attention + one MoE + two norms per block + the final norm.
+    Active counts what a token applies, per application (the shared layers once per block): the N of the
+    6 * N training FLOPs."""
+    m = cfg.model
+    vocab = padded_vocab_size(vocab_size, m, cfg.train.tensor_parallel)
+    emb = embedding_params(m, vocab)
+    moe_total, moe_active = moe_params(m)
+    attn = attention_params(m)
+    total = emb + attn + moe_total + m.num_layers * 2 * _norm(m) + _norm(m)
+    active = emb + _norm(m) + m.num_layers * (2 * _norm(m) + attn + moe_active)
+    return ParamCount(total=total, embedding=emb, active=active,
+                      extra={"padded_vocab": vocab, "shared_attention_params": attn, "shared_moe_params": moe_total,
+                             "norm_params_per_block": 2 * _norm(m)})
+
+
+def validate_widenet(cfg: RunConfig, world_size: Optional[int]) -> None:
+    validate_moe_common(cfg, world_size)
+    if cfg.model.moe_layer_freq != 1:
+        raise ConfigError(f"model.moe_layer_freq {cfg.model.moe_layer_freq}: WideNet shares one MoE across every "
+                          "block; use 1 (or arch gpt_moe for MoE in every other block)")

@@ -1,0 +1,186 @@
+"""The MoE layer every architecture reuses, recognised by DeepSpeed as its own.
+
+Shape suffixes: T tokens, D model width, E experts, L local experts, K choices, A kept assignments,
+R rows received by this rank's experts.
+
+router -> plan (capacity, sort by expert) -> gather rows -> [all-to-all over the EP group] -> grouped
+experts -> [all-to-all back] -> weighted index_add into the tokens.
+
+Why a subclass of `deepspeed.moe.layer.MoE` (DESIGN section 6): DeepSpeed 0.19.8's engine treats a model as
+MoE only when `isinstance(module, deepspeed.moe.layer.MoE)`. That sets `has_moe_layers`, which (1) makes
+ZeRO 1/2 and the plain all-reduce average expert gradients over the expert-data-parallel group of the
+parameters' `group_name` (instead of over every data-parallel rank, which would mix different experts),
+and (2) makes `save_checkpoint` write each expert to its own file (`layer_<l>_expert_<e>_...`) from the keys
+`.deepspeed_moe.experts.deepspeed_experts.<local id>.` with local ids turned into global ones, and load them
+back on whatever rank holds that expert. A home-made nn.Module would be silently treated as dense.
+We therefore subclass MoE but skip its __init__ (which builds DeepSpeed's own gate and one-hot dispatch),
+set the attributes the engine reads (num_experts, num_local_experts, ep_size, expert_group_name), keep its
+key layout (`deepspeed_moe.gate.wg.weight` for the router, `deepspeed_moe.experts.deepspeed_experts.<i>.*`
+for experts, presented by state-dict hooks over our stacked weights) and tag expert parameters with
+`allreduce=False` and `group_name` exactly as DeepSpeed's Experts does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from deepspeed.moe.layer import MoE as _DeepSpeedMoE
+from deepspeed.utils import groups
+from torch import nn
+
+from wider.moe import dispatch
+from wider.moe.experts import GroupedExperts, init_expert_weights, scaled_output_std
+from wider.moe.router import SoftmaxTopKRouter, router_entropy
+from wider.moe.settings import MoESettings
+
+_EXPERT_KEY = re.compile(r"^deepspeed_experts\.(\d+)\.(w1|w2)$")
+_STACKED = {"w1": "w1_LDF", "w2": "w2_LFD"}
+
+
+@dataclass
+class CallRecord:
+    """What one call of an MoE layer reports (all but `aux` detached)."""
+
+    aux: torch.Tensor  # weighted aux loss of this call, with grad: added to the LM loss
+    balance: torch.Tensor
+    z: torch.Tensor
+    entropy: torch.Tensor
+    routed_E: torch.Tensor  # assignments the router made per expert (before capacity)
+    kept_E: torch.Tensor  # assignments that reached the expert
+
+
+def expert_parallel_group_name(ep_size: int) -> str:
+    """DeepSpeed's name for the expert-parallel / expert-data-parallel group pair of this size."""
+    return f"ep_size_{ep_size}"
+
+
+def ensure_expert_groups(ep_size: int) -> None:
+    """Create DeepSpeed's expert-parallel and expert-data-parallel groups for ep_size (collective: every
+    rank must call it). Consecutive ranks form an EP group ([0,1], [2,3], ...); ranks holding the same
+    experts form the expert-data-parallel group ([0,2,...], [1,3,...]) over which expert gradients are
+    averaged."""
+    if expert_parallel_group_name(ep_size) not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+
+
+class _Core(nn.Module):
+    """The `deepspeed_moe` child: keeps DeepSpeed's key layout (gate.wg.weight, experts.deepspeed_experts.*)."""
+
+    def __init__(self, gate: SoftmaxTopKRouter, experts: GroupedExperts):
+        super().__init__()
+        self.gate, self.experts = gate, experts
+
+
+class MoE(_DeepSpeedMoE):
+    """Top-k MoE FFN: forward(hidden [..., D]) -> (output [..., D], weighted aux loss, routed counts [E]),
+    the same return contract as deepspeed.moe.layer.MoE.
+
+    Aux losses: balance (weight settings.aux_loss_weight) and z-loss (settings.z_loss_weight) are summed
+    into one weighted scalar per call; every call also appends a CallRecord to `self.records`, which
+    wider.moe.stats collects (a layer shared by several blocks reports once per call, in call order).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, ffn_size: int, settings: MoESettings,
+                 activation: str = "gelu", noise_std: float = 0.0, renormalize: bool = False,
+                 init_std: float = 0.02, output_std: Optional[float] = None, num_layers_for_init: int = 1,
+                 label: str = "moe", shared: bool = False):
+        nn.Module.__init__(self)  # not DeepSpeed's __init__: it would build its own gate and dispatcher
+        ep = settings.ep_size
+        if num_experts % ep:
+            raise ValueError(f"num_experts {num_experts} is not divisible by moe.ep_size {ep}")
+        # Attributes DeepSpeed's engine and checkpoint code read from a MoE module.
+        self.num_experts, self.ep_size, self.num_local_experts = num_experts, ep, num_experts // ep
+        self.expert_group_name = expert_parallel_group_name(ep)
+        self.use_residual, self.enable_expert_tensor_parallelism = False, False
+
+        self.hidden_size, self.top_k, self.settings = hidden_size, top_k, settings
+        self.label, self.shared = label, shared
+        self.records: list[CallRecord] = []
+        self._exchange: Optional[dispatch.ExpertExchange] = None
+
+        gate = SoftmaxTopKRouter(hidden_size, num_experts, top_k, noise_std, renormalize, init_std)
+        experts = GroupedExperts(self.num_local_experts, hidden_size, ffn_size, activation)
+        # Draw every expert's weights on every rank (same RNG stream), keep this rank's slice.
+        out_std = output_std if output_std is not None else scaled_output_std(init_std, num_layers_for_init)
+        w1, w2 = init_expert_weights(num_experts, hidden_size, ffn_size, activation, init_std, out_std)
+        experts.init_from_full(w1, w2, self._ep_rank())
+        for p in experts.parameters():  # as deepspeed.moe.experts.Experts tags them
+            p.allreduce = False
+            p.group_name = self.expert_group_name
+        self.deepspeed_moe = _Core(gate, experts)
+        experts.register_state_dict_post_hook(_split_experts_hook)
+        experts.register_load_state_dict_pre_hook(_stack_experts_hook)
+
+    def _ep_rank(self) -> int:
+        if self.ep_size == 1:
+            return 0
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            raise RuntimeError(f"expert-parallel groups for ep_size {self.ep_size} do not exist yet; call "
+                               f"wider.moe.layer.ensure_expert_groups({self.ep_size}) on every rank before "
+                               "building the model")
+        return groups._get_expert_parallel_rank(self.expert_group_name)
+
+    # DeepSpeed's engine calls this after wrapping the model.
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        if self.ep_size > 1:
+            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+                groups._create_expert_and_data_parallel(
+                    self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        self._exchange = None  # rebuilt from the (possibly new) group at the next forward
+
+    def exchange(self) -> dispatch.ExpertExchange:
+        if self._exchange is None:
+            group = groups._get_expert_parallel_group(self.expert_group_name) if self.ep_size > 1 else None
+            if self.ep_size > 1:
+                self._ep_rank()  # raises the clear error when the groups are missing
+            self._exchange = dispatch.ExpertExchange(group, self.ep_size, self.num_local_experts)
+        return self._exchange
+
+    def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
+        if used_token is not None:
+            raise NotImplementedError("used_token masking is not supported by wider's MoE")
+        shape = hidden_states.shape
+        x_TD = hidden_states.reshape(-1, self.hidden_size)
+        T = x_TD.shape[0]
+        routing = self.deepspeed_moe.gate(x_TD)
+        cap = dispatch.capacity(T, self.top_k, self.num_experts, self.settings.capacity_factor_for(self.training),
+                                self.settings.min_capacity)
+        p = dispatch.plan(routing.expert_ids_TK, routing.weights_TK, self.num_experts, cap)
+        ex = self.exchange()
+        x_RD, counts_L, state = ex.send(x_TD[p.token_A], p.counts_E)
+        y_RD = self.deepspeed_moe.experts(x_RD, counts_L)
+        y_AD = ex.back(y_RD, state)
+        out_TD = dispatch.combine(y_AD, p, T)
+
+        s = self.settings
+        aux = routing.aux["balance"] * s.aux_loss_weight + routing.aux["z"] * s.z_loss_weight
+        self.records.append(CallRecord(aux=aux, balance=routing.aux["balance"].detach(),
+                                       z=routing.aux["z"].detach(), entropy=router_entropy(routing.probs_TE),
+                                       routed_E=p.routed_E.detach(), kept_E=p.counts_E.detach()))
+        return out_TD.reshape(shape), aux, p.routed_E
+
+
+def _split_experts_hook(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata) -> None:
+    """Stacked [L, ...] weights -> one key per local expert, the layout DeepSpeed's checkpointing parses."""
+    for name, stacked in _STACKED.items():
+        key = prefix + stacked
+        if key in state_dict:
+            w = state_dict.pop(key)
+            for i in range(w.shape[0]):
+                state_dict[f"{prefix}deepspeed_experts.{i}.{name}"] = w[i]
+
+
+def _stack_experts_hook(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata, strict,
+                        missing_keys, unexpected_keys, error_msgs) -> None:
+    """One key per local expert -> the stacked parameter (the inverse of _split_experts_hook)."""
+    for name, stacked in _STACKED.items():
+        keys = [f"{prefix}deepspeed_experts.{i}.{name}" for i in range(module.num_local)]
+        if all(k in state_dict for k in keys):
+            state_dict[prefix + stacked] = torch.stack([state_dict.pop(k) for k in keys])
+    for key in list(state_dict):
+        if key.startswith(prefix) and _EXPERT_KEY.match(key[len(prefix):]):
+            error_msgs.append(f"{key}: expert {key[len(prefix):].split('.')[1]} is not one of this rank's "
+                              f"{module.num_local} local experts (checkpoint from another ep_size?)")

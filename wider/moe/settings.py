@@ -1,0 +1,90 @@
+"""The "moe" block of a DeepSpeed JSON: capacity, token dropping, aux-loss weights and expert parallelism.
+
+DESIGN section 4: these knobs live in the ds_config next to what DeepSpeed owns (ZeRO stage, precision),
+because they are run-time / parallel-layout settings, not the model's shape (expert count, top-k and
+expert width are model fields in wider.config.ModelConfig). DeepSpeed ignores keys it does not know, so
+this block is validated here: an unknown key (a typo such as `capacity_facter`) is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class MoESettingsError(ValueError):
+    """A bad value in the "moe" block; the message names the key and the fix."""
+
+
+def _f(default, help: str):  # noqa: A002
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class MoESettings:
+    """Keys of the ds_config "moe" block (all optional; these defaults apply when a key is absent)."""
+
+    capacity_factor: Optional[float] = _f(
+        1.25, "Training capacity per expert = ceil(k * capacity_factor * tokens / num_experts) over the local "
+              "micro-batch (at least min_capacity); assignments past it are dropped and the token passes "
+              "through the residual. null = dropless.")
+    eval_capacity_factor: Optional[float] = _f(
+        2.0, "The same for evaluation (model.eval()); null = dropless.")
+    min_capacity: int = _f(4, "Lower bound of the capacity per expert (tokens).")
+    drop_tokens: bool = _f(True, "false = dropless whatever the capacity factors say (DeepSpeed's meaning).")
+    aux_loss_weight: float = _f(0.01, "Weight of the balance loss E * sum_i f_i * P_i, added once per call "
+                                      "of each MoE layer (a shared layer counts at every call); 0 = off.")
+    z_loss_weight: float = _f(0.0, "Weight of the router z-loss mean(logsumexp(logits)^2) (ST-MoE uses "
+                                   "1e-3); 0 = off.")
+    ep_size: int = _f(1, "Expert-parallel size: experts are split over this many ranks (DeepSpeed's "
+                         "expert-parallel groups); must divide the data-parallel size and num_experts.")
+
+    def capacity_factor_for(self, training: bool) -> Optional[float]:
+        """The factor in force, None when dropless."""
+        if not self.drop_tokens:
+            return None
+        return self.capacity_factor if training else self.eval_capacity_factor
+
+    @classmethod
+    def from_block(cls, block: Optional[dict], where: str = "ds_config") -> "MoESettings":
+        block = dict(block or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in block:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise MoESettingsError(f"{where}: unknown key moe.{key}; {hint}valid keys: {names}")
+        s = cls(**block)
+        s.check(where)
+        return s
+
+    def check(self, where: str = "ds_config") -> None:
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+                raise MoESettingsError(f"{where}: moe.{name} must be a positive number or null (dropless), "
+                                       f"got {v!r}")
+        if isinstance(self.min_capacity, bool) or not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+            raise MoESettingsError(f"{where}: moe.min_capacity must be an integer >= 0, got {self.min_capacity!r}")
+        if not isinstance(self.drop_tokens, bool):
+            raise MoESettingsError(f"{where}: moe.drop_tokens must be true or false, got {self.drop_tokens!r}")
+        for name in ("aux_loss_weight", "z_loss_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise MoESettingsError(f"{where}: moe.{name} must be a number >= 0 (0 = off), got {v!r}")
+        if isinstance(self.ep_size, bool) or not isinstance(self.ep_size, int) or self.ep_size < 1:
+            raise MoESettingsError(f"{where}: moe.ep_size must be a positive integer, got {self.ep_size!r}")
+
+    def check_layout(self, num_experts: int, top_k: int, dp: Optional[int], where: str = "ds_config") -> None:
+        """Checks that need the model's expert count and the data-parallel size."""
+        if top_k > num_experts:
+            raise MoESettingsError(f"model.moe_top_k {top_k} exceeds model.num_experts {num_experts}; "
+                                   f"use --moe-top-k <= {num_experts}")
+        if num_experts % self.ep_size:
+            raise MoESettingsError(f"{where}: num_experts {num_experts} is not divisible by moe.ep_size "
+                                   f"{self.ep_size}; choose an ep_size that divides it")
+        if dp is not None and dp % self.ep_size:
+            raise MoESettingsError(f"{where}: moe.ep_size {self.ep_size} does not divide the data-parallel "
+                                   f"size {dp}; launch a multiple of {self.ep_size} ranks or lower ep_size")

@@ -83,3 +83,15 @@ def data_args(embedded):
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
         "--micro-batch-size", "4", "--global-batch-size", "8", "--warmup-iters", "2", "--log-interval", "1",
         "--eval-interval", "0", "--eval-iters", "2", "--final-eval-iters", "2", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    """A one-rank gloo group with megatron's parallel state (in-process: no launcher needed)."""
+    import patches
+    from wider import parallel
+
+    patches.apply_defaults()
+    parallel.init_distributed(1)
+    yield
+    parallel.destroy()

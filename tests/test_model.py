@@ -12,18 +12,6 @@ from wider import presets
 from wider.config import RunConfig
 
 
-@pytest.fixture(scope="module")
-def single_rank():
-    """A one-rank gloo group with megatron's parallel state (in-process: no launcher needed)."""
-    import patches
-    from wider import parallel
-
-    patches.apply_defaults()
-    parallel.init_distributed(1)
-    yield
-    parallel.destroy()
-
-
 def _cfg(**model) -> RunConfig:
     return presets.replace(presets.get("gpt_smoke"), model=dict(num_layers=2, hidden_size=64, num_attention_heads=4,
                                                                 seq_length=32, **model))

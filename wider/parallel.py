@@ -85,6 +85,14 @@ def destroy() -> None:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    try:  # DeepSpeed's expert-parallel groups would otherwise outlive the process group they belong to
+        from deepspeed.utils import groups
+
+        for table in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP,
+                      groups._EXPERT_PARALLEL_GROUP_RANKS, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+            table.clear()
+    except (ImportError, AttributeError):
+        pass
     if dist.is_initialized():
         dist.destroy_process_group()
 

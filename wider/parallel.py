@@ -97,6 +97,44 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def global_grad_norm(model: torch.nn.Module) -> float:
+    """L2 norm of the whole model's (already data-parallel-reduced) gradient, every parameter counted once:
+    replicated parameters locally, tensor-parallel shards summed over the TP group, expert parameters
+    (DeepSpeed's allreduce=False tag) summed over their expert-parallel group. DeepSpeed reports no norm
+    without ZeRO (and averages per-rank norms when it clips there), so the loop computes it here."""
+    from megatron.core import parallel_state as ps
+
+    dense = torch.zeros((), dtype=torch.float64)
+    sharded = torch.zeros((), dtype=torch.float64)
+    experts: dict = {}
+    device = None
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        device = p.grad.device
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "allreduce", True) is False:
+            experts[p.group_name] = experts.get(p.group_name, 0.0) + sq
+        elif getattr(p, "tensor_model_parallel", False):
+            sharded += sq
+        else:
+            dense += sq
+    dev = device or torch.device("cpu")
+    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
+        t = sharded.to(dev)
+        dist.all_reduce(t, group=ps.get_tensor_model_parallel_group())
+        sharded = t.cpu()
+    total = dense + sharded
+    if experts:
+        from deepspeed.utils import groups
+
+        for name in sorted(experts):
+            t = torch.as_tensor(experts[name], dtype=torch.float64).to(dev)
+            dist.all_reduce(t, group=groups._get_expert_parallel_group(name))
+            total += t.cpu()
+    return float(total.sqrt())
+
+
 class MegatronMPU:
     """What DeepSpeed asks of an `mpu`, answered from megatron-core's parallel_state (no pipeline
     parallelism here, so "model parallel" = tensor parallel)."""

@@ -205,6 +205,7 @@ def run(cfg: RunConfig) -> Outcome:
     auxes: list[torch.Tensor] = []
     norms: list[float | None] = []
     moe_window = moe_stats.Window()
+    own_norm, own_norm_value = ds_config.zero_stage(ds) == 0, None  # DeepSpeed reports none without ZeRO
     client_state = lambda s: {"step": s, "consumed_samples": s * t.global_batch_size, "config": cfg.to_dict(),
                               "tokenizer_sha256": tokenizer.sha256}
 
@@ -223,6 +224,8 @@ def run(cfg: RunConfig) -> Outcome:
                 loss = lm_loss(engine(tokens, pos, mask, labels=labels), loss_mask)
                 aux, records = moe_stats.take(engine.module)  # before backward (recompute re-records)
                 engine.backward(loss if aux is None else loss + aux)
+                if own_norm and micro == gas - 1:  # gradients are reduced now and zeroed by step()
+                    own_norm_value = parallel.global_grad_norm(engine.module)
                 engine.step()
                 step_loss += loss.detach().double() / gas
                 if aux is not None:
@@ -231,7 +234,7 @@ def run(cfg: RunConfig) -> Outcome:
             step += 1
             losses.append(step_loss)
             auxes.append(step_aux)
-            gn = engine.get_global_grad_norm()
+            gn = own_norm_value if own_norm else engine.get_global_grad_norm()
             norms.append(float(gn) if gn is not None else None)
             window_tokens += tokens_per_step
 

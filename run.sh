@@ -16,7 +16,7 @@ cd "$(dirname "$0")"
 ROOT=$PWD
 VENV=$ROOT/.venv
 PY=$VENV/bin/python
-DEFAULT_PRESET=gpt_smoke
+DEFAULT_PRESET=widenet_smoke
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 

@@ -18,7 +18,7 @@ def test_default_run_learns(embedded, tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, explain(p)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["preset"] == "gpt_smoke" and summary["steps"] == STEPS
+    assert summary["preset"] == "widenet_smoke" and summary["steps"] == STEPS
     assert summary["valid_tokens"] >= 50_000
     # A tenth of the default schedule already puts the model well below the unigram entropy; the full
     # default run reaches more than 1 nat (README, benchmarks/RESULTS.md).
@@ -26,3 +26,20 @@ def test_default_run_learns(embedded, tmp_path):
     for key in ("checkpoint", "tensorboard", "metrics"):
         assert os.path.exists(summary[key]), key
     assert "nats below it" in p.stdout and str(run_dir) in p.stdout
+    assert "| drop " in p.stdout and "| bal " in p.stdout  # MoE health on the console line
+
+    # MoE monitoring: per-call (per-block) statistics at the final evaluation, and the load heatmap.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final_moe = [r for r in records if r["kind"] == "moe_valid"][-1]
+    blocks = [k for k in final_moe if k.startswith("block")]
+    assert blocks == [f"block{i:02d}" for i in range(4)]
+    for b in blocks:
+        assert abs(sum(final_moe[b]["load"]) - 1.0) < 1e-6 and 0.0 <= final_moe[b]["dropped"] < 1.0
+        assert 0.0 < final_moe[b]["entropy"] <= 1.3863  # log 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(summary["tensorboard"], size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert "moe/expert_load_blocks_x_experts" in acc.Tags()["images"]
+    assert "moe_train/block03/dropped" in acc.Tags()["scalars"]
+    assert "moe_valid_load/block00/expert03" in acc.Tags()["scalars"]

@@ -100,13 +100,13 @@ WIDENET_MOE = ["moe.capacity_factor=1.2", "moe.aux_loss_weight=0.01", "moe.z_los
 
 @preset
 def widenet_smoke() -> RunConfig:
-    """WideNet 4 blocks x 128 sharing one attention and one 4-expert top-2 MoE: the CPU default run."""
+    """WideNet 4 blocks x 128 sharing one attention and one 4-expert top-2 MoE: the CPU default run (~3.5 min)."""
     cfg = gpt_smoke()
     return replace(
         cfg,
         model=dict(arch="widenet", num_experts=4, moe_top_k=2, moe_ffn_hidden_size=512, router_noise="inverse_experts",
                    router_renormalize=False),
-        train=dict(ds_config="auto", ds_set=list(WIDENET_MOE)),
+        train=dict(ds_config="auto", ds_set=list(WIDENET_MOE), train_iters=300, eval_interval=150),
     )
 
 

@@ -106,7 +106,7 @@ class Reporter:
         self.record({"kind": f"moe_{split}", "step": step,
                      **{label: dataclasses.asdict(s) for label, s in summaries.items()}})
 
-    def moe_heatmap(self, step: int, summaries: dict, cell: int = 12) -> None:
+    def moe_heatmap(self, step: int, summaries: dict) -> None:
         """Image of expert load, one row per MoE call (block), one column per expert. Colour: load x E, i.e.
         1 (white) = uniform share; blue = under-used (0 = never chosen); red = over-used (>= 2x its share)."""
         if not self.writer or not summaries:
@@ -114,6 +114,7 @@ class Reporter:
         import numpy as np
 
         load = np.array([s.load for s in summaries.values()], dtype=np.float64) * len(next(iter(summaries.values())).load)
+        cell = max(4, min(64, 512 // max(load.shape)))  # about 256-512 px on the long side
         x = np.clip(load, 0.0, 2.0) - 1.0  # [-1, 1]
         white = np.ones(x.shape + (3,))
         blue, red = np.array([0.13, 0.4, 0.85]), np.array([0.85, 0.15, 0.1])

@@ -172,3 +172,21 @@ def test_zero2_with_recompute_equals_no_zero_on_shared_parameters(data_args, ref
     assert len(norms(run)) == STEPS
     for a, b in zip(norms(run), norms(reference[1])):
         assert abs(a - b) <= 1e-5 * max(1.0, b), (a, b)
+
+
+@pytest.mark.parametrize("preset", ["switch_smoke", "glam_smoke"])
+def test_switch_and_glam_presets_train(data_args, tmp_path, preset):
+    """The gpt_moe recipe trains both baselines (one rank): MoE in blocks 2 and 4, the loss falls, and the
+    console shows the MoE health columns."""
+    args = ["--preset", preset, *TINY, "--num-layers", "4", "--train-iters", "8", *data_args, "--run-dir",
+            str(tmp_path / "run")]
+    p = run_recipe(args, ranks=1, recipe="recipes/pretrain_gpt_moe.py")
+    assert p.returncode == 0, explain(p)
+    losses = train_losses(tmp_path / "run")
+    assert len(losses) == 8 and losses[8] < losses[1] - 0.3, losses
+    assert "| drop " in p.stdout and f"top-{1 if preset == 'switch_smoke' else 2}" in p.stdout
+    import json
+
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        moe = [r for r in map(json.loads, f) if r["kind"] == "moe_valid"][-1]
+    assert [k for k in moe if k.startswith("layer")] == ["layer02", "layer04"]

@@ -293,3 +293,46 @@ def test_top_k_above_expert_count_and_ds_set(tmp_path):
     cfg.train.tensor_parallel = 2
     with pytest.raises(ConfigError, match="not tensor-parallel"):
         cfg.validate()
+
+
+@pytest.mark.parametrize("G,E_rate,k,experts,top_k,width", [
+    (1, 64, 1, 64, 1, 2048),
+    (8, 64, 1, 512, 8, 256),
+    (16, 8, 1, 128, 16, 128),
+    (4, 8, 2, 32, 8, 512),
+])
+def test_fine_grained_config_algebra(G, E_rate, k, experts, top_k, width):
+    """Granularity and expansion rate (Krajewski et al. 2024) -> experts, top-k, expert width; the active
+    parameters equal the dense model's plus only the routers."""
+    from wider.info import describe
+
+    cfg = presets.get("fine_512x8")
+    cfg.model.granularity, cfg.model.expansion_rate, cfg.model.base_top_k = G, E_rate, k
+    cfg.model.num_experts, cfg.model.moe_top_k, cfg.model.moe_ffn_hidden_size = 0, 2, None
+    cfg.model.add_bias_linear = False
+    cfg.validate()
+    m = cfg.model
+    assert (m.num_experts, m.moe_top_k, m.moe_ffn_hidden_size) == (experts, top_k, width)
+    info = describe(cfg)
+    dense = presets.replace(cfg, model=dict(arch="gpt", granularity=None, expansion_rate=None, num_experts=0))
+    routers = m.num_layers * m.hidden_size * experts
+    assert info["params_active"] == describe(dense)["params_active"] + routers + (k - 1) * m.num_layers * 2 * 512 * 2048
+    assert info["extra_granularity"] == G and info["extra_expansion_rate"] == E_rate
+    # The law's N: attention + every expert (+ routers and norms); E times the dense FFN's parameters.
+    ffn_total = m.num_layers * E_rate * 2 * 512 * 2048
+    assert info["params_non_embedding"] == describe(dense)["params_non_embedding"] - m.num_layers * 2 * 512 * 2048 \
+        + ffn_total + routers
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(granularity=3), r"d_ff 2048 is not divisible by granularity 3"),
+    (dict(ffn_hidden_size=100, granularity=2), r"d_ff / G = 100 / 2 = 50 is not a multiple of 8"),
+    (dict(expansion_rate=None), r"needs both"),
+    (dict(num_experts=7), r"num_experts 7 conflicts with granularity 8 x expansion_rate 64"),
+])
+def test_fine_grained_impossible_combinations(change, match):
+    cfg = presets.get("fine_512x8")
+    for key, value in change.items():
+        setattr(cfg.model, key, value)
+    with pytest.raises(ConfigError, match=match):
+        cfg.validate()

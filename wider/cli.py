@@ -84,6 +84,16 @@ def parse(argv: Optional[Sequence[str]] = None, description: str = "", default_p
                 cfg = RunConfig.from_dict(json.load(f))
         else:
             cfg = presets.get(ns.preset)
+        given = {k.split(".", 1)[1] for k in vars(ns) if "." in k}
+        if given & {"granularity", "expansion_rate", "base_top_k"}:
+            from wider.config import FINE_GRAINED_DERIVED
+
+            clash = sorted(given & set(FINE_GRAINED_DERIVED))
+            if clash:
+                raise ConfigError(f"--{clash[0].replace('_', '-')} is derived from --granularity / --expansion-rate "
+                                  "/ --base-top-k; give one description of the experts, not both")
+            # A new G or E re-derives the expert count, top-k and width that a preset or config already holds.
+            cfg.model.num_experts, cfg.model.moe_top_k, cfg.model.moe_ffn_hidden_size = 0, 2, None
         for key, value in vars(ns).items():
             if "." in key:
                 sec, name = key.split(".", 1)

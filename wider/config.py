@@ -66,6 +66,13 @@ class ModelConfig:
     moe_ffn_hidden_size: Optional[int] = _f(None, "Width of each expert FFN; None = the dense FFN width.")
     moe_layer_freq: int = _f(1, "gpt_moe: every N-th block has an MoE FFN, the others a dense FFN (1 = every "
                                 "block; 2 = blocks 2, 4, ... as in Switch / GLaM). widenet: must be 1.")
+    granularity: Optional[int] = _f(None, "Fine-grained MoE (Krajewski et al. 2024): G = d_ff / d_expert. When set, "
+                                          "num_experts = G * expansion_rate, moe_top_k = G * base_top_k and "
+                                          "moe_ffn_hidden_size = d_ff / G are derived (active parameters stay "
+                                          "the dense model's); None = state those three directly.")
+    expansion_rate: Optional[int] = _f(None, "Fine-grained MoE: E = N_MoE / N_ff, all experts' parameters over the "
+                                             "dense FFN's (the paper's 'E64' is 64); needed with granularity.")
+    base_top_k: int = _f(1, "Fine-grained MoE: experts per token at G = 1 (the paper uses 1).")
     router_noise: str = _f("none", "Router logit noise in training: 'none', or 'inverse_experts' (Gaussian, "
                                    "std 1/num_experts, as WideNet's official code).")
     router_renormalize: bool = _f(False, "Rescale the top-k router probabilities to sum to 1 (GShard / "
@@ -186,8 +193,45 @@ def _req(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+FINE_GRAINED_DERIVED = ("num_experts", "moe_top_k", "moe_ffn_hidden_size")
+
+
+def resolve_granularity(m: ModelConfig) -> None:
+    """Fill num_experts, moe_top_k and moe_ffn_hidden_size from (granularity, expansion_rate, base_top_k).
+
+    Scaling Laws for Fine-Grained MoE (Krajewski et al. 2024), section 3: d_expert = d_ff / G, G * E experts,
+    top-(G * k); every expert set that G and E imply has the dense FFN's active parameters."""
+    if m.granularity is None and m.expansion_rate is None:
+        return
+    G, E, k = m.granularity, m.expansion_rate, m.base_top_k
+    _req(G is not None and E is not None,
+         f"model.granularity {G!r} and model.expansion_rate {E!r}: a fine-grained MoE needs both "
+         "(e.g. --granularity 8 --expansion-rate 64)")
+    for name, v in (("granularity", G), ("expansion_rate", E), ("base_top_k", k)):
+        _req(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+             f"model.{name} must be a positive integer, got {v!r}")
+    d_ff = m.ffn_size
+    _req(d_ff % G == 0, f"model FFN width d_ff {d_ff} is not divisible by granularity {G}; choose G among "
+                        f"{[g for g in (1, 2, 4, 8, 16, 32, 64) if d_ff % g == 0]} or another --ffn-hidden-size")
+    d_expert = d_ff // G
+    # Grouped GEMMs need K and N multiples of 8 (16-byte rows in bf16); narrower or unaligned experts would fall
+    # back to a per-expert loop that costs far more than the paper's FLOP model assumes.
+    _req(d_expert % 8 == 0, f"expert width d_ff / G = {d_ff} / {G} = {d_expert} is not a multiple of 8, which "
+                            "grouped GEMMs need; choose a smaller granularity or a d_ff with more factors of 2")
+    _req(G * k <= G * E, f"model.base_top_k {k} exceeds expansion_rate {E}: top-(G*k) would exceed G*E experts")
+    derived = {"num_experts": G * E, "moe_top_k": G * k, "moe_ffn_hidden_size": d_expert}
+    for name, value in derived.items():
+        current = getattr(m, name)
+        unset = current in (None, 0) or (name == "moe_top_k" and current == ModelConfig.moe_top_k)
+        _req(unset or current == value,
+             f"model.{name} {current!r} conflicts with granularity {G} x expansion_rate {E} (which give {value}); "
+             f"drop --{name.replace('_', '-')} (it is derived) or drop --granularity/--expansion-rate")
+        setattr(m, name, value)
+
+
 def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
+    resolve_granularity(m)
     from wider.models import ARCHITECTURES  # late: the registry imports the model code
 
     _req(m.arch in ARCHITECTURES, f"model.arch {m.arch!r} is unknown; choose one of {sorted(ARCHITECTURES)}")

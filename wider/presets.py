@@ -177,3 +177,47 @@ def glam_125m() -> RunConfig:
     """GLaM GPT 12x768, 16 experts top-2 (renormalised) in every other block; seq 2048, bf16."""
     cfg = switch_125m()
     return replace(cfg, model=dict(moe_top_k=2, router_renormalize=True))
+
+
+# --- Fine-grained MoE (DESIGN 5.5; Krajewski et al. 2024): every block MoE, stated by granularity G and
+# expansion rate E; experts = G * E, top-(G * k), d_expert = d_ff / G. Move along the paper's grid with
+# --granularity G --expansion-rate E. Schedule as in the paper: cosine to 10% of the peak, 1% warmup. ---
+
+FINE_MOE = ["moe.capacity_factor=1.0", "moe.aux_loss_weight=0.01", "moe.z_loss_weight=0.0"]
+
+
+@preset
+def fine_smoke() -> RunConfig:
+    """Fine-grained MoE GPT 4 x 128, G 4, E 4 (16 experts x 128, top-4): CPU smoke and sweep tests."""
+    cfg = gpt_smoke()
+    return replace(
+        cfg,
+        model=dict(arch="gpt_moe", granularity=4, expansion_rate=4, base_top_k=1, moe_layer_freq=1,
+                   router_renormalize=False),
+        train=dict(ds_config="auto", ds_set=list(FINE_MOE), train_iters=200, warmup_iters=2, min_lr=3e-4,
+                   eval_interval=0),
+    )
+
+
+def _fine(d_model: int, blocks: int) -> Callable[[], RunConfig]:
+    def make() -> RunConfig:
+        cfg = gpt_125m()
+        iters, lr = 10000, (2e-4 if d_model >= 512 else 4e-4)
+        return replace(
+            cfg,
+            model=dict(arch="gpt_moe", num_layers=blocks, hidden_size=d_model, num_attention_heads=d_model // 64,
+                       seq_length=1024, granularity=8, expansion_rate=64, base_top_k=1, moe_layer_freq=1,
+                       router_renormalize=False),
+            train=dict(global_batch_size=256, micro_batch_size=8, train_iters=iters, warmup_iters=iters // 100,
+                       lr=lr, min_lr=lr / 10, ds_config="ds_configs/moe_zero1_bf16.json",
+                       ds_set=list(FINE_MOE)),
+        )
+
+    make.__name__ = f"fine_{d_model}x{blocks}"
+    make.__doc__ = (f"Fine-grained MoE GPT {blocks} x {d_model} ({d_model // 64} heads), G 8, E 64 (512 experts, "
+                    "top-8), seq 1024: the paper's grid (--granularity / --expansion-rate move along it).")
+    return make
+
+
+for _d, _l in ((256, 4), (256, 8), (512, 4), (512, 8), (768, 4), (768, 12)):
+    preset(_fine(_d, _l))

@@ -117,7 +117,27 @@ def count_gpt_moe(cfg: RunConfig, vocab_size: int) -> ParamCount:
     active = emb + _norm(m) + m.num_layers * base + n_dense * ffn_params(m) + n_moe * moe_active
     return ParamCount(total=total, embedding=emb, active=active,
                       extra={"padded_vocab": vocab, "moe_layers": n_moe, "expert_params": expert_params(m),
-                             "moe_layer_params": moe_total})
+                             "moe_layer_params": moe_total, **fine_grained_terms(m, n_moe)})
+
+
+# Scaling Laws for Fine-Grained MoE (Krajewski et al. 2024), FLOP model: per token and block,
+# 12 d^2 c_f for attention + the FFN's active part, and d * E * G c_r for routing (the router's logits over
+# E * G experts, its softmax / top-k and the token permutation), with c_f = 6 and c_r = 14.
+C_F, C_R = 6, 14
+
+
+def fine_grained_terms(m: ModelConfig, n_moe_blocks: int) -> dict:
+    """G = d_ff / d_expert and E = all experts' parameters / the dense FFN's, and the paper's FLOPs per token
+    (which, unlike 6 * N_active, charges routing by the number of experts)."""
+    G = m.ffn_size / m.expert_ffn_size
+    E = m.num_experts * m.expert_ffn_size / m.ffn_size
+    d = m.hidden_size
+    dense_blocks = m.num_layers - n_moe_blocks
+    routing = d * E * G * C_R * n_moe_blocks
+    paper = 12 * d * d * C_F * m.num_layers + routing
+    return {"granularity": G, "expansion_rate": E, "paper_flops_per_token": paper,
+            "routing_flops_per_token": routing, "routing_share": routing / paper,
+            "dense_blocks": dense_blocks}
 
 
 def validate_moe_common(cfg: RunConfig, world_size: Optional[int]) -> None:

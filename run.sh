@@ -53,7 +53,7 @@ setup() {
 }
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
   echo
   echo "presets:"
   "$PY" -W ignore -c "from wider.presets import describe

@@ -96,8 +96,8 @@ def test_top2_drops_the_same_assignments_as_deepspeed(single_rank):
         routing = ours.deepspeed_moe.gate(x_TD)
         cap = dispatch.capacity(64, 2, E, cf, 0)
         p = dispatch.plan(routing.expert_ids_TK, routing.weights_TK, E, cap)
-        expert_A = torch.repeat_interleave(torch.arange(E), p.counts_E)
-        ours_kept = set(zip(p.token_A.tolist(), expert_A.tolist()))
+        token_A, weight_A, expert_A = p.kept()
+        ours_kept = set(zip(token_A.tolist(), expert_A.tolist()))
         _, combine_TEC, dispatch_TEC, _ = ref.deepspeed_moe.gate(x_TD)
         ref_kept = set(map(tuple, dispatch_TEC.any(-1).nonzero().tolist()))
         assert cap == combine_TEC.shape[-1]
@@ -107,12 +107,12 @@ def test_top2_drops_the_same_assignments_as_deepspeed(single_rank):
     with torch.no_grad():
         out_ours, _, _ = ours(x_TD)
         out_ref, _, _ = ref(x_TD)
-    kept_per_token = torch.bincount(p.token_A, minlength=64)
+    kept_per_token = torch.bincount(token_A, minlength=64)
     both = kept_per_token == 2
     torch.testing.assert_close(out_ours[both], out_ref[both], rtol=1e-5, atol=1e-6)
     one = (kept_per_token == 1).nonzero().flatten()
     assert len(one) > 0
-    w_kept = torch.zeros(64).index_add(0, p.token_A, p.weight_A)
+    w_kept = torch.zeros(64).index_add(0, token_A, weight_A)
     torch.testing.assert_close(out_ours[one] / w_kept[one, None], out_ref[one], rtol=1e-4, atol=1e-5)
 
 
@@ -120,14 +120,17 @@ def test_capacity_priority_first_choices_then_token_order():
     ids_TK = torch.tensor([[0, 1], [0, 1], [1, 0], [1, 0], [0, 1], [0, 1]])
     weights_TK = torch.full((6, 2), 0.5)
     p = dispatch.plan(ids_TK, weights_TK, num_experts=2, cap=3)
-    expert_A = torch.repeat_interleave(torch.arange(2), p.counts_E).tolist()
-    kept = sorted(zip(expert_A, p.token_A.tolist()))
+    token_A, _, expert_A = p.kept()
+    kept = sorted(zip(expert_A.tolist(), token_A.tolist()))
     # Expert 0: first choices of tokens 0, 1, 4 fill it; token 5's first choice and tokens 2, 3's second
     # choices are dropped. Expert 1: first choices of 2, 3, then the second choice of token 0.
     assert kept == [(0, 0), (0, 1), (0, 4), (1, 0), (1, 2), (1, 3)]
     assert p.routed_E.tolist() == [6, 6] and p.counts_E.tolist() == [3, 3]
     # Within an expert the rows come in priority order (first choices, then token order).
-    assert p.token_A.tolist() == [0, 1, 4, 2, 3, 0]
+    assert token_A.tolist() == [0, 1, 4, 2, 3, 0]
+    # The plan keeps all 12 rows (fixed shapes): the six dropped ones last, in priority order, weight 0.
+    assert p.token_A.tolist() == [0, 1, 4, 2, 3, 0, 5, 2, 3, 1, 4, 5]
+    assert p.live_A.tolist() == [True] * 6 + [False] * 6 and p.weight_A[6:].abs().sum() == 0
 
     assert dispatch.capacity(10, 2, 4, 1.25, 4) == 7  # ceil(2 * 1.25 * 10 / 4)
     assert dispatch.capacity(10, 1, 4, 1.0, 4) == 4  # min_capacity

@@ -31,29 +31,53 @@ def capacity(tokens: int, top_k: int, num_experts: int, factor: Optional[float],
 
 @dataclass
 class Plan:
-    token_A: torch.Tensor  # token index of each kept assignment, grouped by expert (priority order inside)
-    weight_A: torch.Tensor  # its combine weight
+    """Where every one of the A = T * K assignments goes. Rows [0, n_kept) are the kept assignments grouped by
+    expert (priority order inside an expert), rows [n_kept, A) the dropped ones. Shapes are fixed (A rows
+    whatever the drops), so that building and using a plan needs no host synchronisation on GPU; n_kept
+    stays a device tensor (counts_E.sum())."""
+
+    token_A: torch.Tensor  # token index of each row
+    weight_A: torch.Tensor  # its combine weight (0 for dropped rows)
+    live_A: torch.Tensor  # bool: kept
     counts_E: torch.Tensor  # kept assignments per expert (int64)
     routed_E: torch.Tensor  # assignments the router made per expert, before capacity (int64)
+    dropless: bool  # no capacity: every row is live
+
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token, weight, expert) of the kept rows only (synchronises: for tests and expert parallelism)."""
+        n = int(self.counts_E.sum())
+        expert = torch.repeat_interleave(torch.arange(len(self.counts_E), device=self.counts_E.device),
+                                         self.counts_E)
+        return self.token_A[:n], self.weight_A[:n], expert
 
 
 def plan(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, cap: Optional[int]) -> Plan:
-    """Order the T*K assignments by expert (stable, so priority order holds inside an expert) and apply
-    the capacity."""
+    """Order the T*K assignments by expert (stable sorts, so the priority order holds inside an expert) and
+    apply the capacity, without leaving the device."""
     T, K = expert_ids_TK.shape
+    A = T * K
     # Choice-major flattening: index a = choice * T + token, i.e. all first choices in token order, then
     # all second choices: exactly the capacity priority.
     ids_A = expert_ids_TK.t().reshape(-1)
+    w_A = weights_TK.t().reshape(-1)
+    # scatter_add, not bincount: bincount sizes its output from the data (a device-to-host sync on CUDA).
+    routed_E = torch.zeros(num_experts, dtype=torch.long, device=ids_A.device).scatter_add_(
+        0, ids_A, torch.ones_like(ids_A))
     sorted_ids_A, order_A = torch.sort(ids_A, stable=True)
-    routed_E = torch.bincount(ids_A, minlength=num_experts)
-    counts_E = routed_E
-    if cap is not None:
+    if cap is None:
+        counts_E = routed_E
+        live_A = torch.ones(A, dtype=torch.bool, device=ids_A.device)
+    else:
         starts_E = torch.cumsum(routed_E, 0) - routed_E
-        position_A = torch.arange(ids_A.numel(), device=ids_A.device) - starts_E[sorted_ids_A]
-        order_A = order_A[position_A < cap]
+        position_A = torch.arange(A, device=ids_A.device) - starts_E[sorted_ids_A]
+        # Dropped rows move behind every kept row (sentinel key E); both sorts are stable.
+        key_A = torch.where(position_A < cap, sorted_ids_A, num_experts)
+        order_A = order_A[torch.sort(key_A, stable=True).indices]
         counts_E = routed_E.clamp(max=cap)
-    return Plan(token_A=order_A % T, weight_A=weights_TK.t().reshape(-1)[order_A], counts_E=counts_E,
-                routed_E=routed_E)
+        live_A = torch.arange(A, device=ids_A.device) < counts_E.sum()
+    weight_A = torch.where(live_A, w_A[order_A], torch.zeros((), dtype=w_A.dtype, device=w_A.device))
+    return Plan(token_A=order_A % T, weight_A=weight_A, live_A=live_A, counts_E=counts_E, routed_E=routed_E,
+                dropless=cap is None)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -108,7 +132,15 @@ class ExpertExchange:
         return _AllToAll.apply(y_RD[inverse_R], in_splits, out_splits, self.group)
 
 
-def combine(y_AD: torch.Tensor, p: Plan, num_tokens: int) -> torch.Tensor:
-    """out_TD = sum over a token's kept assignments of weight * expert output (dropped ones add nothing)."""
-    out_TD = y_AD.new_zeros((num_tokens, y_AD.shape[-1]))
-    return out_TD.index_add(0, p.token_A, y_AD * p.weight_A.to(y_AD.dtype).unsqueeze(-1))
+def combine(y_RD: torch.Tensor, p: Plan, num_tokens: int) -> torch.Tensor:
+    """out_TD = sum over a token's kept assignments of weight * expert output. y_RD holds the first R rows
+    of the plan (all A rows on one rank, where rows past n_kept are not computed and may hold anything; the
+    kept rows only after an expert-parallel exchange)."""
+    R = y_RD.shape[0]
+    w_R = p.weight_A[:R].to(y_RD.dtype).unsqueeze(-1)
+    contrib_RD = y_RD * w_R
+    if R == p.token_A.shape[0] and not p.dropless:
+        contrib_RD = torch.where(p.live_A.unsqueeze(-1), contrib_RD, torch.zeros((), dtype=y_RD.dtype,
+                                                                              device=y_RD.device))
+    out_TD = y_RD.new_zeros((num_tokens, y_RD.shape[-1]))
+    return out_TD.index_add(0, p.token_A[:R], contrib_RD)

@@ -21,16 +21,32 @@ from torch import nn
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 
 
-def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
-    """Row block i of x (counts_L[i] rows) times w_LKN[i]. torch's grouped GEMM where it runs (CPU fp32;
-    CUDA bf16 with K and N multiples of 8), a loop over experts elsewhere."""
-    K, N = w_LKN.shape[1], w_LKN.shape[2]
-    fast = x_RK.device.type == "cpu" or (x_RK.dtype == torch.bfloat16 and K % 8 == 0 and N % 8 == 0)
-    if fast and hasattr(F, "grouped_mm") and w_LKN.shape[0] < 1024:
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, K: int, N: int, groups: int) -> bool:
+    """Whether torch's grouped GEMM runs for these operands: on CPU in fp32 (torch 2.13), on CUDA in bf16 with K
+    and N multiples of 8 (16-byte aligned rows), fewer than 1024 groups per call."""
+    if not hasattr(F, "grouped_mm") or groups >= 1024:
+        return False
+    if device.type == "cpu":
+        return dtype == torch.float32
+    return device.type == "cuda" and dtype == torch.bfloat16 and K % 8 == 0 and N % 8 == 0
+
+
+def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    """Row block i of x (counts_L[i] rows, in order) times w_LKN[i]; rows past sum(counts_L) are not computed
+    (grouped_mm leaves them unwritten, the loop returns zeros there). kernel: 'auto' (grouped GEMM where
+    grouped_mm_supported, else the loop), 'grouped_mm' or 'loop' (the reference path: the same math, one
+    matmul per expert)."""
+    L, K, N = w_LKN.shape
+    if kernel == "auto":
+        kernel = "grouped_mm" if grouped_mm_supported(x_RK.device, x_RK.dtype, K, N, L) else "loop"
+    if kernel == "grouped_mm":
         offs = torch.cumsum(counts_L, 0).to(torch.int32)
         return F.grouped_mm(x_RK, w_LKN.to(x_RK.dtype), offs=offs)
-    parts = torch.split(x_RK, counts_L.tolist())
-    return torch.cat([p @ w_LKN[i] for i, p in enumerate(parts)]) if parts else x_RK.new_zeros((0, N))
+    sizes = counts_L.tolist()
+    n = sum(sizes)
+    parts = [p @ w_LKN[i].to(x_RK.dtype) for i, p in enumerate(torch.split(x_RK[:n], sizes))]
+    tail = x_RK.new_zeros((x_RK.shape[0] - n, N))
+    return torch.cat(parts + [tail]) if parts else tail
 
 
 class GroupedExperts(nn.Module):
@@ -53,14 +69,35 @@ class GroupedExperts(nn.Module):
             self.w1_LDF.copy_(w1_EDF[ep_rank * L:(ep_rank + 1) * L])
             self.w2_LFD.copy_(w2_EFD[ep_rank * L:(ep_rank + 1) * L])
 
-    def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
-        h_RF = grouped_mm(x_RD, self.w1_LDF, counts_L)
+    kernel: str = "auto"  # 'auto' | 'grouped_mm' | 'loop' (see grouped_mm)
+
+    def kernel_name(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The expert kernel 'auto' picks for activations of this device and dtype (reported at start)."""
+        if self.kernel != "auto":
+            return self.kernel
+        F_in = self.w1_LDF.shape[-1]
+        ok = (grouped_mm_supported(device, dtype, self.hidden_size, F_in, self.num_local)
+              and grouped_mm_supported(device, dtype, self.ffn_size, self.hidden_size, self.num_local))
+        return "grouped_mm" if ok else "loop"
+
+    def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor, live_R: torch.Tensor | None = None) -> torch.Tensor:
+        """x_RD: rows grouped by local expert (counts_L of each); rows past sum(counts_L) are not computed.
+        live_R marks the computed rows when there are others. torch's grouped GEMM leaves the rows past the
+        offsets unwritten, in its output and in the input gradient of its backward (measured on CPU: stale
+        memory shows up there), so both sides of the first GEMM are masked: whatever those rows hold never
+        reaches the activation, the combine or the token gradients."""
+        if live_R is not None:
+            zero = torch.zeros((), dtype=x_RD.dtype, device=x_RD.device)
+            x_RD = torch.where(live_R.unsqueeze(-1), x_RD, zero)  # its backward zeroes the unwritten rows
+        h_RF = grouped_mm(x_RD, self.w1_LDF, counts_L, self.kernel)
+        if live_R is not None:
+            h_RF = torch.where(live_R.unsqueeze(-1), h_RF, zero)
         if self.activation == "swiglu":
             value_RF, gate_RF = h_RF.chunk(2, dim=-1)
             h_RF = F.silu(gate_RF) * value_RF
         else:
             h_RF = F.gelu(h_RF) if self.activation == "gelu" else F.relu(h_RF)
-        return grouped_mm(h_RF, self.w2_LFD, counts_L)
+        return grouped_mm(h_RF, self.w2_LFD, counts_L, self.kernel)
 
 
 def init_expert_weights(num_experts: int, hidden_size: int, ffn_size: int, activation: str, std: float,

@@ -150,10 +150,17 @@ class MoE(_DeepSpeedMoE):
                                 self.settings.min_capacity)
         p = dispatch.plan(routing.expert_ids_TK, routing.weights_TK, self.num_experts, cap)
         ex = self.exchange()
-        x_RD, counts_L, state = ex.send(x_TD[p.token_A], p.counts_E)
-        y_RD = self.deepspeed_moe.experts(x_RD, counts_L)
-        y_AD = ex.back(y_RD, state)
-        out_TD = dispatch.combine(y_AD, p, T)
+        experts = self.deepspeed_moe.experts
+        if ex.ep_size == 1:
+            # Fixed shapes, no host synchronisation: all T*K rows are gathered; the grouped GEMM computes only
+            # the kept ones (offsets end at n_kept) and combine() masks the rest.
+            y_RD = experts(x_TD[p.token_A], p.counts_E, None if p.dropless else p.live_A)
+        else:
+            # all_to_all_single takes its split sizes as host integers: one synchronisation is unavoidable.
+            n_kept = int(p.counts_E.sum())
+            x_RD, counts_L, state = ex.send(x_TD[p.token_A[:n_kept]], p.counts_E)
+            y_RD = ex.back(experts(x_RD, counts_L), state)
+        out_TD = dispatch.combine(y_RD, p, T)
 
         s = self.settings
         aux = routing.aux["balance"] * s.aux_loss_weight + routing.aux["z"] * s.z_loss_weight

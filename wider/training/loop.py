@@ -165,9 +165,12 @@ def run(cfg: RunConfig) -> Outcome:
              f"{'bf16' if bf16 else 'fp32'} | ZeRO {ds_config.zero_stage(ds)} | "
              f"norm kernels: {'apex' if apex_available() else 'torch'}")
     if moe is not None:
+        experts = moe_stats.moe_layers(model)[0].deepspeed_moe.experts
+        kernel = experts.kernel_name(layout.device, torch.bfloat16 if bf16 else torch.float32)
         rep.info(f"moe: {m.num_experts} experts x {m.expert_ffn_size} wide, top-{m.moe_top_k} | capacity factor "
                  f"{moe.capacity_factor_for(True)} (eval {moe.capacity_factor_for(False)}, min {moe.min_capacity}) "
-                 f"| aux {moe.aux_loss_weight} z {moe.z_loss_weight} | ep_size {moe.ep_size}")
+                 f"| aux {moe.aux_loss_weight} z {moe.z_loss_weight} | ep_size {moe.ep_size} | expert kernel "
+                 f"{kernel}{'' if kernel == 'grouped_mm' else ' (reference loop: grouped GEMM unavailable here)'}")
     rep.info(f"params: total {fmt_count(counts.total)} | non-embedding {fmt_count(counts.non_embedding)} | "
              f"active {fmt_count(counts.active)} | built {fmt_count(built)} | tokens/step "
              f"{fmt_count(tokens_per_step)} (micro {t.micro_batch_size} x gas {gas} x dp {layout.dp} x seq "

@@ -42,13 +42,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 
-    class _DropKnownMlpWarning(logging.Filter):
-        # megatron's TransformerLayer logs "Unknown MLP type" for any MLP slot it does not know; wider's
-        # MoE slot (wider.models.gpt_moe.MoEMLP) takes no extra arguments, so the message is noise.
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "Unknown MLP type" not in record.getMessage()
-
-    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_DropKnownMlpWarning())
     try:
         from deepspeed.utils import logger as ds_logger
 

@@ -9,6 +9,7 @@ the third baseline.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Optional
 
 import torch
@@ -71,8 +72,23 @@ def block_specs(m: ModelConfig, settings: MoESettings):
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=dense.submodules.input_layernorm)
 
 
+class _DropUnknownMlpWarning(logging.Filter):
+    """megatron's TransformerLayer logs "Unknown MLP type" for every MLP slot it does not know; MoEMLP takes
+    no extra arguments, so for our models the message is noise (one line per block)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+_MLP_FILTER = _DropUnknownMlpWarning()
+
+
 def gpt_model(cfg: RunConfig, vocab_size: int, bf16: bool, layer_specs):
     from megatron.core.models.gpt import GPTModel
+
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if _MLP_FILTER not in layer_logger.filters:
+        layer_logger.addFilter(_MLP_FILTER)
 
     m, tp = cfg.model, cfg.train.tensor_parallel
     return GPTModel(

@@ -1,0 +1,164 @@
+"""A whole training step (forward + backward + AdamW) for the dense GPT, WideNet and a fine-grained MoE, each
+beside "the obvious build" (the same model with DeepSpeed's stock MoE in the MLP slot), in one run.
+
+    python benchmarks/train_step.py           # GPU: 24 x 1024, 16 heads, seq 2048, micro-batch 8, bf16
+    python benchmarks/train_step.py --cpu     # these 2-core machines: 4 x 256, seq 256, micro-batch 2, fp32
+
+Models (DESIGN section 7, issue 4): dense megatron-core GPT; WideNet E 8, k 2 (one attention and one MoE shared
+by every block, expert width 4 d); fine-grained E 64, k 8, d_expert = d / 2 (G 8: the dense model's active
+FLOPs). MoE layers are dropless for ours and capacity 1.25 for the stock layer (it has no dropless top-k path
+that avoids its [tokens, experts, capacity] tensors). Tokens/s is the median over --iters steps after
+--warmup; MFU = (6 * N_active * tokens + 12 * layers * d * seq * tokens) / (step time * peak), DESIGN 7,
+with --peak-tflops (H100 bf16 dense: 989) and shown on GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+
+class StockMoEMLP(torch.nn.Module):
+    """The obvious build: deepspeed.moe.layer.MoE in megatron's MLP slot."""
+
+    def __init__(self, config, d: int, E: int, k: int, de: int):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        expert = torch.nn.Sequential(torch.nn.Linear(d, de, bias=False), torch.nn.GELU(),
+                                     torch.nn.Linear(de, d, bias=False))
+        self.moe = MoE(d, expert, num_experts=E, k=k, capacity_factor=1.25, eval_capacity_factor=1.25,
+                       min_capacity=0, noisy_gate_policy=None, use_rts=False, top2_2nd_expert_sampling=False)
+        self.moe.set_deepspeed_parallelism()
+
+    def forward(self, hidden_states, padding_mask=None, **_):
+        out, l_aux, _ = self.moe(hidden_states)
+        return out, None
+
+
+def build(kind: str, obvious: bool, cfg, vocab: int, bf16: bool):
+    """(model, N_active)."""
+    from wider.models import ARCHITECTURES
+    from wider.moe.settings import MoESettings
+
+    m = cfg.model
+    count = ARCHITECTURES[m.arch].count(cfg, vocab)
+    model = ARCHITECTURES[m.arch].build(cfg, vocab, bf16, MoESettings(capacity_factor=None, eval_capacity_factor=None))
+    if obvious:
+        from wider.models.gpt_moe import MoEMLP
+        from wider.models.widenet import _point_at
+
+        stock = lambda: StockMoEMLP(None, m.hidden_size, m.num_experts, m.moe_top_k, m.expert_ffn_size)
+        if kind == "widenet":  # one stock MoE, shared by every block like ours
+            model.decoder.shared_moe = stock()
+            for layer in model.decoder.layers:
+                _point_at(layer, "mlp", model.decoder.shared_moe)
+        else:
+            for layer in model.decoder.layers:
+                if isinstance(layer.mlp, MoEMLP):
+                    layer.mlp = stock()
+    return model, count.active
+
+
+def configs(cpu: bool):
+    from wider import presets
+
+    base = presets.get("gpt_350m")
+    shape = (dict(num_layers=4, hidden_size=256, num_attention_heads=4, seq_length=256) if cpu
+             else dict(num_layers=24, hidden_size=1024, num_attention_heads=16, seq_length=2048))
+    shape.update(tie_embeddings=False, vocab_size=8000)
+    d = shape["hidden_size"]
+    dense = presets.replace(base, model=shape)
+    wide = presets.replace(base, model=dict(**shape, arch="widenet", num_experts=8, moe_top_k=2,
+                                            moe_ffn_hidden_size=4 * d))
+    fine = presets.replace(base, model=dict(**shape, arch="gpt_moe", num_experts=64, moe_top_k=8,
+                                            moe_ffn_hidden_size=d // 2, moe_layer_freq=1))
+    return [("dense GPT", "gpt", dense), ("WideNet E8 k2", "widenet", wide), ("fine-grained E64 k8", "gpt_moe", fine)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="Small shapes in fp32 on the CPU.")
+    ap.add_argument("--micro-batch", type=int, default=None, help="Sequences per step (default 8 GPU, 2 CPU).")
+    ap.add_argument("--iters", type=int, default=None, help="Timed steps (default 10 GPU, 3 CPU).")
+    ap.add_argument("--warmup", type=int, default=None, help="Untimed steps first (default 3 GPU, 1 CPU).")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="Dense bf16 peak for MFU (H100: 989).")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if cuda else "cpu")
+    bf16 = cuda
+    mb = args.micro_batch or (8 if cuda else 2)
+    iters = args.iters or (10 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import patches
+    from wider import parallel
+    from wider.moe.layer import ensure_expert_groups
+
+    patches.apply_defaults()
+    parallel.init_distributed(1)
+    ensure_expert_groups(1)
+    print(f"device {torch.cuda.get_device_name() if cuda else 'CPU'} | {'bf16' if bf16 else 'fp32'} | micro-batch {mb}"
+          f" | median of {iters} steps", flush=True)
+    header = f"{'model':<22} {'build':<20} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'vs dense':>9} {'peak GiB':>9}"
+    print(header)
+    print("-" * len(header))
+    dense_ms = None
+    for label, kind, cfg in configs(not cuda):
+        m = cfg.model
+        for obvious in ([False] if kind == "gpt" else [False, True]):
+            parallel.set_seed(1)
+            try:
+                model, active = build(kind, obvious, cfg, 8000, bf16)
+            except Exception as e:
+                print(f"{label:<22} {'stock DeepSpeed MoE' if obvious else 'wider':<20} n/a  {type(e).__name__}: {e}")
+                continue
+            model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=cuda)
+            tokens = torch.randint(0, 8000, (mb, m.seq_length), device=device)
+            pos = torch.arange(m.seq_length, device=device).expand(mb, -1)
+            times = []
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            from wider.moe import stats
+
+            for i in range(warmup + iters):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                stats.clear(model)
+                loss = model(tokens, pos, None, labels=tokens).float().mean()
+                aux, _ = stats.take(model)
+                (loss if aux is None else loss + aux).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+            step = statistics.median(times)
+            ntok = mb * m.seq_length
+            flops = 6 * active * ntok + 12 * m.num_layers * m.hidden_size * m.seq_length * ntok
+            mfu = f"{flops / step / (args.peak_tflops * 1e12):.3f}" if cuda else "-"
+            if kind == "gpt":
+                dense_ms = step
+            peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "-"
+            print(f"{label:<22} {'stock DeepSpeed MoE' if obvious else 'wider':<20} {step * 1e3:>9.1f} "
+                  f"{ntok / step:>10.0f} {mfu:>7} {step / dense_ms:>8.2f}x {peak:>9}", flush=True)
+            del model, opt
+    parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,8 @@ Shape suffixes: T tokens, D model width, E experts (global), L experts on this r
 K choices per token, A kept assignments (<= T * K), R rows received by this rank's experts.
 
 No one-hot [tokens, experts, capacity] tensor is ever built (GShard's einsum formulation costs
-T * E * C memory and FLOPs): assignments are sorted by expert id and moved with gathers / index_add.
+T * E * C memory and FLOPs): assignments are sorted by expert id and moved with gathers, forward and
+backward (no atomic scatter-adds: every gradient is read through the inverse permutation).
 
 Capacity priority (GShard): every first choice comes before every second choice, and within one choice
 rank, earlier tokens come first; an assignment whose position inside its expert is >= capacity is
@@ -20,6 +21,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from wider.moe import triton_kernels
 
 
 def capacity(tokens: int, top_k: int, num_experts: int, factor: Optional[float], min_capacity: int) -> Optional[int]:
@@ -37,11 +40,15 @@ class Plan:
     stays a device tensor (counts_E.sum())."""
 
     token_A: torch.Tensor  # token index of each row
-    weight_A: torch.Tensor  # its combine weight (0 for dropped rows)
+    weight_A: torch.Tensor  # its combine weight (0 for dropped rows; detached, for statistics and tests)
     live_A: torch.Tensor  # bool: kept
     counts_E: torch.Tensor  # kept assignments per expert (int64)
     routed_E: torch.Tensor  # assignments the router made per expert, before capacity (int64)
     dropless: bool  # no capacity: every row is live
+    source_A: torch.Tensor  # token-major index t * K + k of the assignment in each row (inverse of row_TK)
+    row_TK: torch.Tensor  # the row of each assignment; dropped ones point at row 0 (a kept row) with weight 0
+    live_TK: torch.Tensor  # bool: assignment kept
+    weight_TK: torch.Tensor  # combine weights, with their gradient to the router; 0 where dropped
 
     def kept(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(token, weight, expert) of the kept rows only (synchronises: for tests and expert parallelism)."""
@@ -56,28 +63,115 @@ def plan(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
     apply the capacity, without leaving the device."""
     T, K = expert_ids_TK.shape
     A = T * K
+    dev = expert_ids_TK.device
     # Choice-major flattening: index a = choice * T + token, i.e. all first choices in token order, then
     # all second choices: exactly the capacity priority.
     ids_A = expert_ids_TK.t().reshape(-1)
-    w_A = weights_TK.t().reshape(-1)
     # scatter_add, not bincount: bincount sizes its output from the data (a device-to-host sync on CUDA).
-    routed_E = torch.zeros(num_experts, dtype=torch.long, device=ids_A.device).scatter_add_(
-        0, ids_A, torch.ones_like(ids_A))
+    routed_E = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, ids_A, torch.ones_like(ids_A))
     sorted_ids_A, order_A = torch.sort(ids_A, stable=True)
+    rows_A = torch.arange(A, device=dev)
     if cap is None:
         counts_E = routed_E
-        live_A = torch.ones(A, dtype=torch.bool, device=ids_A.device)
+        live_A = torch.ones(A, dtype=torch.bool, device=dev)
     else:
         starts_E = torch.cumsum(routed_E, 0) - routed_E
-        position_A = torch.arange(A, device=ids_A.device) - starts_E[sorted_ids_A]
+        position_A = rows_A - starts_E[sorted_ids_A]
         # Dropped rows move behind every kept row (sentinel key E); both sorts are stable.
         key_A = torch.where(position_A < cap, sorted_ids_A, num_experts)
         order_A = order_A[torch.sort(key_A, stable=True).indices]
         counts_E = routed_E.clamp(max=cap)
-        live_A = torch.arange(A, device=ids_A.device) < counts_E.sum()
-    weight_A = torch.where(live_A, w_A[order_A], torch.zeros((), dtype=w_A.dtype, device=w_A.device))
-    return Plan(token_A=order_A % T, weight_A=weight_A, live_A=live_A, counts_E=counts_E, routed_E=routed_E,
-                dropless=cap is None)
+        live_A = rows_A < counts_E.sum()
+    token_A, choice_A = order_A % T, order_A // T
+    source_A = token_A * K + choice_A
+    row_flat = torch.empty_like(source_A).scatter_(0, source_A, rows_A)
+    live_flat = torch.empty_like(live_A).scatter_(0, source_A, live_A)
+    # A dropped assignment reads row 0 (kept whenever any row is) with weight 0: finite values, zero effect,
+    # where the rows behind n_kept hold whatever the grouped GEMM left there.
+    row_TK = torch.where(live_flat, row_flat, 0).view(T, K)
+    live_TK = live_flat.view(T, K)
+    weight_TK = torch.where(live_TK, weights_TK, torch.zeros((), dtype=weights_TK.dtype, device=dev))
+    weight_A = weight_TK.detach().reshape(-1)[source_A]
+    return Plan(token_A=token_A, weight_A=weight_A, live_A=live_A, counts_E=counts_E, routed_E=routed_E,
+                dropless=cap is None, source_A=source_A, row_TK=row_TK, live_TK=live_TK, weight_TK=weight_TK)
+
+
+# 'auto': the fused Triton gathers (wider.moe.triton_kernels) on CUDA where Triton is installed, else torch ops;
+# 'torch': always the torch ops (the reference path; the same math).
+GATHER_KERNEL = "auto"
+
+
+def _fused(t: torch.Tensor) -> bool:
+    return GATHER_KERNEL == "auto" and triton_kernels.available(t.device)
+
+
+def gather_kernel_name(device: torch.device) -> str:
+    return "triton" if GATHER_KERNEL == "auto" and triton_kernels.available(device) else "torch"
+
+
+def _sum_rows(src_RD: torch.Tensor, row_TK: torch.Tensor, w_TK: Optional[torch.Tensor]) -> torch.Tensor:
+    """out[t] = sum_k w[t, k] * src[row[t, k]] (w None: all ones), accumulated in fp32."""
+    if _fused(src_RD):
+        w = torch.ones(row_TK.shape, device=src_RD.device) if w_TK is None else w_TK
+        return triton_kernels.weighted_gather_sum(src_RD, row_TK, w)
+    T, K = row_TK.shape
+    src_TKD = src_RD.index_select(0, row_TK.reshape(-1)).view(T, K, -1)
+    if w_TK is None:
+        return src_TKD.sum(1)
+    # One [1 x K] @ [K x D] product per token (fp32 accumulation inside the batched GEMM).
+    return torch.bmm(w_TK.to(src_RD.dtype).unsqueeze(1), src_TKD).squeeze(1)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x_TD -> x_RD: row r holds token token_R[r] (each token once per kept choice, grouped by expert).
+
+    Backward without atomic adds: each token's gradient is the sum of its kept rows, read through row_TK.
+    Dropped assignments are excluded (weight 0): they point at row 0, and the rows behind n_kept hold whatever
+    the grouped GEMM left unwritten in its input gradient."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, token_R: torch.Tensor, row_TK: torch.Tensor, live_TK: Optional[torch.Tensor]):
+        ctx.save_for_backward(row_TK, live_TK)
+        return x_TD.index_select(0, token_R)
+
+    @staticmethod
+    def backward(ctx, g_RD: torch.Tensor):
+        row_TK, live_TK = ctx.saved_tensors
+        return _sum_rows(g_RD, row_TK, None if live_TK is None else live_TK.float()), None, None, None
+
+
+def gather_tokens(x_TD: torch.Tensor, p: Plan, num_rows: Optional[int] = None) -> torch.Tensor:
+    """The first num_rows rows of the plan (default all A) filled with their tokens' hidden states."""
+    token_R = p.token_A if num_rows is None else p.token_A[:num_rows]
+    return _GatherTokens.apply(x_TD, token_R, p.row_TK, None if p.dropless else p.live_TK)
+
+
+class _Combine(torch.autograd.Function):
+    """out_TD[t] = sum_k weight_TK[t, k] * y_RD[row_TK[t, k]].
+
+    Backward, one pass over the rows: grad y_RD[r] = w_r * g[token_r] (a gather, no scatter-add: every kept row
+    belongs to exactly one assignment, and rows of dropped assignments get weight 0), and the combine weights'
+    gradient <g[token_r], y_r>, put back in [T, K] order through source_R (the router's gradient flows from
+    there)."""
+
+    @staticmethod
+    def forward(ctx, y_RD, weight_TK, row_TK, source_R, token_R):
+        ctx.save_for_backward(y_RD, weight_TK, source_R, token_R)
+        return _sum_rows(y_RD, row_TK, weight_TK.detach())
+
+    @staticmethod
+    def backward(ctx, g_TD: torch.Tensor):
+        y_RD, weight_TK, source_R, token_R = ctx.saved_tensors
+        w_R = weight_TK.detach().reshape(-1).index_select(0, source_R)
+        if _fused(y_RD):
+            grad_RD, dot_R = triton_kernels.scaled_gather_dot(g_TD, token_R, w_R, y_RD)
+        else:
+            g_RD = g_TD.index_select(0, token_R)
+            grad_RD = g_RD * w_R.to(g_RD.dtype).unsqueeze(-1)
+            live_R = (w_R != 0).unsqueeze(-1)  # never read unwritten rows
+            dot_R = (torch.where(live_R, y_RD, 0).float() * g_RD.float()).sum(-1)
+        grad_w = torch.zeros(weight_TK.numel(), dtype=dot_R.dtype, device=dot_R.device).scatter_(0, source_R, dot_R)
+        return grad_RD, grad_w.view(weight_TK.shape).to(weight_TK.dtype), None, None, None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -132,15 +226,9 @@ class ExpertExchange:
         return _AllToAll.apply(y_RD[inverse_R], in_splits, out_splits, self.group)
 
 
-def combine(y_RD: torch.Tensor, p: Plan, num_tokens: int) -> torch.Tensor:
+def combine(y_RD: torch.Tensor, p: Plan) -> torch.Tensor:
     """out_TD = sum over a token's kept assignments of weight * expert output. y_RD holds the first R rows
     of the plan (all A rows on one rank, where rows past n_kept are not computed and may hold anything; the
-    kept rows only after an expert-parallel exchange)."""
+    kept rows only after an expert-parallel exchange): only kept rows are read."""
     R = y_RD.shape[0]
-    w_R = p.weight_A[:R].to(y_RD.dtype).unsqueeze(-1)
-    contrib_RD = y_RD * w_R
-    if R == p.token_A.shape[0] and not p.dropless:
-        contrib_RD = torch.where(p.live_A.unsqueeze(-1), contrib_RD, torch.zeros((), dtype=y_RD.dtype,
-                                                                              device=y_RD.device))
-    out_TD = y_RD.new_zeros((num_tokens, y_RD.shape[-1]))
-    return out_TD.index_add(0, p.token_A[:R], contrib_RD)
+    return _Combine.apply(y_RD, p.weight_TK, p.row_TK, p.source_A[:R], p.token_A[:R])

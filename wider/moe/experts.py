@@ -80,18 +80,11 @@ class GroupedExperts(nn.Module):
               and grouped_mm_supported(device, dtype, self.ffn_size, self.hidden_size, self.num_local))
         return "grouped_mm" if ok else "loop"
 
-    def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor, live_R: torch.Tensor | None = None) -> torch.Tensor:
-        """x_RD: rows grouped by local expert (counts_L of each); rows past sum(counts_L) are not computed.
-        live_R marks the computed rows when there are others. torch's grouped GEMM leaves the rows past the
-        offsets unwritten, in its output and in the input gradient of its backward (measured on CPU: stale
-        memory shows up there), so both sides of the first GEMM are masked: whatever those rows hold never
-        reaches the activation, the combine or the token gradients."""
-        if live_R is not None:
-            zero = torch.zeros((), dtype=x_RD.dtype, device=x_RD.device)
-            x_RD = torch.where(live_R.unsqueeze(-1), x_RD, zero)  # its backward zeroes the unwritten rows
+    def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+        """x_RD: rows grouped by local expert (counts_L of each). Rows past sum(counts_L) are not computed:
+        torch's grouped GEMM leaves them unwritten in its output and in its input gradient (stale memory), so
+        callers must never read them (wider.moe.dispatch reads only kept rows, forward and backward)."""
         h_RF = grouped_mm(x_RD, self.w1_LDF, counts_L, self.kernel)
-        if live_R is not None:
-            h_RF = torch.where(live_R.unsqueeze(-1), h_RF, zero)
         if self.activation == "swiglu":
             value_RF, gate_RF = h_RF.chunk(2, dim=-1)
             h_RF = F.silu(gate_RF) * value_RF

@@ -33,7 +33,7 @@ from torch import nn
 
 from wider.moe import dispatch
 from wider.moe.experts import GroupedExperts, init_expert_weights, scaled_output_std
-from wider.moe.router import SoftmaxTopKRouter, router_entropy
+from wider.moe.router import SoftmaxTopKRouter, route_tokens, router_entropy
 from wider.moe.settings import MoESettings
 
 _EXPERT_KEY = re.compile(r"^deepspeed_experts\.(\d+)\.(w1|w2)$")
@@ -145,22 +145,24 @@ class MoE(_DeepSpeedMoE):
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, self.hidden_size)
         T = x_TD.shape[0]
-        routing = self.deepspeed_moe.gate(x_TD)
         cap = dispatch.capacity(T, self.top_k, self.num_experts, self.settings.capacity_factor_for(self.training),
                                 self.settings.min_capacity)
-        p = dispatch.plan(routing.expert_ids_TK, routing.weights_TK, self.num_experts, cap)
+        route = _route_compiled if (COMPILE_ROUTING and x_TD.is_cuda) else _route
+        gate = self.deepspeed_moe.gate
+        routing, p = route(x_TD, gate.wg.weight, self.top_k, gate.noise_std if self.training else 0.0,
+                           gate.renormalize, self.num_experts, cap)
         ex = self.exchange()
         experts = self.deepspeed_moe.experts
         if ex.ep_size == 1:
             # Fixed shapes, no host synchronisation: all T*K rows are gathered; the grouped GEMM computes only
-            # the kept ones (offsets end at n_kept) and combine() masks the rest.
-            y_RD = experts(x_TD[p.token_A], p.counts_E, None if p.dropless else p.live_A)
+            # the kept ones (its offsets end at n_kept) and the combine reads only those.
+            y_RD = experts(dispatch.gather_tokens(x_TD, p), p.counts_E)
         else:
             # all_to_all_single takes its split sizes as host integers: one synchronisation is unavoidable.
             n_kept = int(p.counts_E.sum())
-            x_RD, counts_L, state = ex.send(x_TD[p.token_A[:n_kept]], p.counts_E)
+            x_RD, counts_L, state = ex.send(dispatch.gather_tokens(x_TD, p, n_kept), p.counts_E)
             y_RD = ex.back(experts(x_RD, counts_L), state)
-        out_TD = dispatch.combine(y_RD, p, T)
+        out_TD = dispatch.combine(y_RD, p)
 
         s = self.settings
         aux = routing.aux["balance"] * s.aux_loss_weight + routing.aux["z"] * s.z_loss_weight
@@ -168,6 +170,20 @@ class MoE(_DeepSpeedMoE):
                                        z=routing.aux["z"].detach(), entropy=router_entropy(routing.probs_TE),
                                        routed_E=p.routed_E.detach(), kept_E=p.counts_E.detach()))
         return out_TD.reshape(shape), aux, p.routed_E
+
+
+def _route(x_TD: torch.Tensor, w_ED: torch.Tensor, top_k: int, noise_std: float, renormalize: bool,
+           num_experts: int, cap: Optional[int]):
+    """Router and plan: some forty small element-wise, sort and scatter kernels, forward and backward."""
+    routing = route_tokens(x_TD, w_ED, top_k, noise_std, renormalize)
+    return routing, dispatch.plan(routing.expert_ids_TK, routing.weights_TK, num_experts, cap)
+
+
+# On CUDA the router and the plan are launch-bound (measured on an H100, benchmarks/moe_profile.py: wall time
+# about 2 ms above the kernels' sum per layer fwd+bwd at 16k tokens): compiled, they fuse into a few kernels.
+# Compiled once per (tokens, capacity) shape; False keeps eager mode everywhere.
+COMPILE_ROUTING = True
+_route_compiled = torch.compile(_route, dynamic=False)
 
 
 def _split_experts_hook(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata) -> None:

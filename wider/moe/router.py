@@ -32,7 +32,9 @@ def balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.T
     P_i: mean router probability of expert i. Equals 1 for a perfectly uniform router. Gradient flows
     through P only (f is a count)."""
     E = probs_TE.shape[-1]
-    f_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=E).to(probs_TE.dtype) / expert_ids_TK.numel()
+    ids = expert_ids_TK.reshape(-1)
+    # scatter_add rather than bincount, which reads the data's maximum on the host (a sync on CUDA).
+    f_E = probs_TE.new_zeros(E).scatter_add_(0, ids, torch.ones_like(ids, dtype=probs_TE.dtype)) / ids.numel()
     P_E = probs_TE.mean(dim=0)
     return E * torch.sum(f_E * P_E)
 
@@ -60,15 +62,22 @@ class SoftmaxTopKRouter(nn.Module):
         nn.init.normal_(self.wg.weight, mean=0.0, std=init_std)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        logits_TE = F.linear(x_TD.float(), self.wg.weight.float())
-        if self.training and self.noise_std > 0:
-            logits_TE = logits_TE + torch.randn_like(logits_TE) * self.noise_std
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        weights_TK, expert_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        if self.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-        aux = {"balance": balance_loss(probs_TE, expert_ids_TK), "z": z_loss(logits_TE)}
-        return Routing(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, aux=aux, probs_TE=probs_TE)
+        return route_tokens(x_TD, self.wg.weight, self.top_k, self.noise_std if self.training else 0.0,
+                            self.renormalize)
+
+
+def route_tokens(x_TD: torch.Tensor, w_ED: torch.Tensor, top_k: int, noise_std: float, renormalize: bool) -> Routing:
+    """The router's math as a function of its weight (so that it compiles once for every layer: no guard on
+    which module it belongs to). noise_std > 0 only in training."""
+    logits_TE = F.linear(x_TD.float(), w_ED.float())
+    if noise_std > 0:
+        logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    weights_TK, expert_ids_TK = torch.topk(probs_TE, top_k, dim=-1)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    aux = {"balance": balance_loss(probs_TE, expert_ids_TK), "z": z_loss(logits_TE)}
+    return Routing(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, aux=aux, probs_TE=probs_TE)
 
 
 def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
@@ -82,4 +91,4 @@ def widenet_noise_std(num_experts: int) -> float:
     return 1.0 / num_experts
 
 
-__all__ = ["Routing", "SoftmaxTopKRouter", "balance_loss", "z_loss", "router_entropy", "widenet_noise_std"]
+__all__ = ["Routing", "SoftmaxTopKRouter", "route_tokens", "balance_loss", "z_loss", "router_entropy", "widenet_noise_std"]

@@ -23,6 +23,7 @@ from wider.data import SentencePieceTokenizer, build_datasets, micro_batch, unig
 
 from wider.models import ARCHITECTURES, training_flops_per_token
 from wider.moe import stats as moe_stats
+from wider.moe import dispatch as moe_dispatch
 from wider.training import checkpoint
 from wider.training.metrics import Reporter, fmt_count
 from wider.training.preemption import Preemption
@@ -170,7 +171,8 @@ def run(cfg: RunConfig) -> Outcome:
         rep.info(f"moe: {m.num_experts} experts x {m.expert_ffn_size} wide, top-{m.moe_top_k} | capacity factor "
                  f"{moe.capacity_factor_for(True)} (eval {moe.capacity_factor_for(False)}, min {moe.min_capacity}) "
                  f"| aux {moe.aux_loss_weight} z {moe.z_loss_weight} | ep_size {moe.ep_size} | expert kernel "
-                 f"{kernel}{'' if kernel == 'grouped_mm' else ' (reference loop: grouped GEMM unavailable here)'}")
+                 f"{kernel}{'' if kernel == 'grouped_mm' else ' (reference loop: grouped GEMM unavailable here)'} | "
+                 f"gathers {moe_dispatch.gather_kernel_name(layout.device)}")
     rep.info(f"params: total {fmt_count(counts.total)} | non-embedding {fmt_count(counts.non_embedding)} | "
              f"active {fmt_count(counts.active)} | built {fmt_count(built)} | tokens/step "
              f"{fmt_count(tokens_per_step)} (micro {t.micro_batch_size} x gas {gas} x dp {layout.dp} x seq "

@@ -69,6 +69,16 @@ def ours(d: int, E: int, k: int, de: int, cf):
                                         aux_loss_weight=0.01))
 
 
+def eager_routing(m, xi):
+    from wider.moe import layer
+
+    layer.COMPILE_ROUTING = False
+    try:
+        return m(xi)[0]
+    finally:
+        layer.COMPILE_ROUTING = True
+
+
 def deepspeed_stock(d: int, E: int, k: int, de: int):
     from deepspeed.moe.layer import MoE
 
@@ -79,7 +89,11 @@ def deepspeed_stock(d: int, E: int, k: int, de: int):
 
 
 def megatron_moe(d: int, E: int, k: int, de: int, dtype):
-    """megatron-core 0.16.1 MoELayer with local experts (SequentialMLP), alltoall dispatcher, no drops."""
+    """megatron-core 0.16.1 MoELayer with local experts (SequentialMLP), alltoall dispatcher, no drops.
+
+    Needs Transformer Engine: 0.16.1's router GEMM (moe_utils.RouterGatingLinearFunction) tests
+    `te_general_gemm is not None`, a name bound only when TE imports, so without TE every call raises
+    NameError whatever moe_router_dtype is (seen on an H100 with torch 2.11, 2026-11-23). The row then says so."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -90,6 +104,10 @@ def megatron_moe(d: int, E: int, k: int, de: int, dtype):
                             gated_linear_unit=False, activation_func=torch.nn.functional.gelu,
                             use_cpu_initialization=False)
     spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False)
+    if torch.cuda.is_available():  # megatron's experts draw their init from its expert-parallel CUDA RNG
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
     from megatron.core.transformer.spec_utils import build_module
 
     return build_module(spec.submodules.mlp, config=cfg)
@@ -149,6 +167,8 @@ def main(argv=None) -> int:
         add("dense FFN (k*de wide)", lambda: dense_ffn(d, k * de), lambda m, xi: m(xi))
         add("wider MoE dropless", lambda: ours(d, E, k, de, None), lambda m, xi: m(xi)[0])
         add("wider MoE cf 1.25", lambda: ours(d, E, k, de, 1.25), lambda m, xi: m(xi)[0])
+        if cuda:  # what compiling the router and plan buys (launch overhead)
+            add("wider MoE dropless, eager routing", lambda: ours(d, E, k, de, None), eager_routing)
         add("DeepSpeed stock MoE cf 1.25", lambda: deepspeed_stock(d, E, k, de), lambda m, xi: m(xi)[0])
         add("megatron-core MoELayer (local)", lambda: megatron_moe(d, E, k, de, dtype),
             lambda m, xi: m(xi.unsqueeze(1))[0].squeeze(1))

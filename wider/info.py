@@ -2,9 +2,20 @@
 
     python -m wider.info --preset gpt_350m
     python -m wider.info --preset gpt_smoke --num-layers 8 --json
+    python -m wider.info --preset widenet_b --plan --world-size 8 --ds-set moe.ep_size=4
 
 Parameters come from each architecture's closed-form counter (a test checks it against the built model);
 the vocabulary is the tokenizer's when the file exists, else --vocab-size, else 8000 (as stated).
+
+--plan adds a per-rank memory estimate (wider/plan.py) for a launch of --world-size ranks (default 1): the
+ZeRO stage and precision come from the config's ds_config (--ds-config, --ds-set zero_optimization.stage=2),
+ep_size from its "moe" block (--ds-set moe.ep_size=4), tp from --tensor-parallel, micro-batch, sequence length
+and recompute from the config. It prints the layout and assumptions, then a table of parameters, gradients,
+fp32 master weights and Adam states for ZeRO-0 / 1 / 2 (the run's stage marked *), activations with and
+without recompute, logits, all-to-all buffers, gradient memory in the backward, the optimizer step's
+temporaries, the two candidate peaks and the total, in human units and in bytes, then the formulas.
+An impossible layout (tp not dividing the world, ep not dividing the experts or dp, a batch that does not
+split) ends with the run's own error message and exit status 2.
 """
 
 from __future__ import annotations
@@ -16,19 +27,22 @@ import sys
 DEFAULT_VOCAB = 8000
 
 
+def vocab_size(cfg) -> tuple[int, str]:
+    """(vocabulary, where it came from): model.vocab_size, else the tokenizer's, else DEFAULT_VOCAB."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size, "model.vocab_size"
+    if os.path.isfile(cfg.data.tokenizer):
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_file=cfg.data.tokenizer).GetPieceSize(), cfg.data.tokenizer
+    return DEFAULT_VOCAB, f"default {DEFAULT_VOCAB} (tokenizer not found)"
+
+
 def describe(cfg, world_size: int = 1) -> dict:
     from wider.models import ARCHITECTURES, training_flops_per_token
 
     m, t = cfg.model, cfg.train
-    vocab_source = "model.vocab_size"
-    vocab = m.vocab_size
-    if vocab is None and os.path.isfile(cfg.data.tokenizer):
-        import sentencepiece as spm
-
-        vocab = spm.SentencePieceProcessor(model_file=cfg.data.tokenizer).GetPieceSize()
-        vocab_source = cfg.data.tokenizer
-    if vocab is None:
-        vocab, vocab_source = DEFAULT_VOCAB, f"default {DEFAULT_VOCAB} (tokenizer not found)"
+    vocab, vocab_source = vocab_size(cfg)
     pc = ARCHITECTURES[m.arch].count(cfg, vocab)
     fpt = training_flops_per_token(cfg, pc)
     tokens_per_step = t.global_batch_size * m.seq_length
@@ -50,19 +64,57 @@ def main(argv=None) -> int:
     from wider import cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    as_json = "--json" in argv
-    argv = [a for a in argv if a != "--json"]
-    cfg = cli.parse(argv, description=__doc__ + "\n--json prints one JSON object.")
-    info = describe(cfg)
+    try:
+        as_json, want_plan, world_size, argv = _own_flags(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = cli.parse(argv, description=__doc__ + "\n--json prints one JSON object; --plan [--world-size N] adds "
+                                                "the per-rank memory plan.")
+    info = describe(cfg, world_size)
+    plan = None
+    if want_plan:
+        from wider import plan as memory_plan
+        from wider.config import ConfigError
+
+        try:
+            plan = memory_plan.build(cfg, world_size, info["vocab_size"])
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if as_json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, "plan": plan} if plan is not None else info, indent=2))
         return 0
     from wider.training.metrics import fmt_count
 
     for k, v in info.items():
         shown = fmt_count(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) >= 1e4 else v
         print(f"{k:<24} {shown}" + (f"   ({v:,})" if isinstance(v, int) and v >= 1e4 else ""))
+    if plan is not None:
+        print()
+        print(memory_plan.format_plan(plan, cfg))
     return 0
+
+
+def _own_flags(argv: list) -> tuple[bool, bool, int, list]:
+    """Take --json, --plan and --world-size N (or --world-size=N) out of argv; the rest is the config's."""
+    rest, as_json, want_plan, world_size, seen_world = [], False, False, 1, False
+    it = iter(argv)
+    for a in it:
+        if a == "--json":
+            as_json = True
+        elif a == "--plan":
+            want_plan = True
+        elif a == "--world-size" or a.startswith("--world-size="):
+            text = a.split("=", 1)[1] if "=" in a else next(it, None)
+            if text is None or not text.isdigit() or int(text) < 1:
+                raise ValueError(f"--world-size needs a positive integer (ranks in the launch), got {text!r}")
+            world_size, seen_world = int(text), True
+        else:
+            rest.append(a)
+    if seen_world and not want_plan:
+        raise ValueError("--world-size is used by the memory plan; add --plan")
+    return as_json, want_plan, world_size, rest
 
 
 if __name__ == "__main__":

@@ -59,6 +59,22 @@ def test_grouped_gemm_path_equals_reference_path_fp32(single_rank, E, k, cf):
     assert fast[2][1][-2:].abs().sum() == 0 and fast[2][2][-2:].abs().sum() == 0
 
 
+@pytest.mark.parametrize("cf", [None, 0.75])
+def test_more_experts_than_one_grouped_gemm_call_takes(single_rank, monkeypatch, cf):
+    """Above experts.MAX_GROUPS experts (torch's grouped GEMM takes fewer than 1024 groups, and the
+    fine-grained grid has 1024 experts at G 16) the GEMM runs in chunks of groups: still the reference math.
+    Chunks of 3 here, one of them holding the two experts nobody chooses."""
+    from wider.moe import experts
+
+    moe = _moe(8, 2, MoESettings(capacity_factor=cf, eval_capacity_factor=cf, min_capacity=0))
+    x = _x(96)
+    ref = _run(moe, x, "loop")
+    monkeypatch.setattr(experts, "MAX_GROUPS", 3)
+    fast = _run(moe, x, "grouped_mm")
+    for a, b in zip(fast[:2] + tuple(fast[2]), ref[:2] + tuple(ref[2])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_bf16_within_one_percent_of_fp32(single_rank):
     """bf16 activations and weights (the GPU dtype; on CPU the expert kernel is the loop) against fp32."""
     s = MoESettings(capacity_factor=None, eval_capacity_factor=None)

@@ -21,10 +21,15 @@ from torch import nn
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 
 
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype, K: int, N: int, groups: int) -> bool:
+# torch's grouped GEMM takes fewer than 1024 groups per call (DESIGN 6); more experts (the fine-grained grid's
+# G 16 x E 64 = 1024) run in chunks of this many groups.
+MAX_GROUPS = 1023
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, K: int, N: int) -> bool:
     """Whether torch's grouped GEMM runs for these operands: on CPU in fp32 (torch 2.13), on CUDA in bf16 with K
-    and N multiples of 8 (16-byte aligned rows), fewer than 1024 groups per call."""
-    if not hasattr(F, "grouped_mm") or groups >= 1024:
+    and N multiples of 8 (16-byte aligned rows)."""
+    if not hasattr(F, "grouped_mm"):
         return False
     if device.type == "cpu":
         return dtype == torch.float32
@@ -38,10 +43,20 @@ def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor, 
     matmul per expert)."""
     L, K, N = w_LKN.shape
     if kernel == "auto":
-        kernel = "grouped_mm" if grouped_mm_supported(x_RK.device, x_RK.dtype, K, N, L) else "loop"
+        kernel = "grouped_mm" if grouped_mm_supported(x_RK.device, x_RK.dtype, K, N) else "loop"
     if kernel == "grouped_mm":
-        offs = torch.cumsum(counts_L, 0).to(torch.int32)
-        return F.grouped_mm(x_RK, w_LKN.to(x_RK.dtype), offs=offs)
+        if L <= MAX_GROUPS:
+            offs = torch.cumsum(counts_L, 0).to(torch.int32)
+            return F.grouped_mm(x_RK, w_LKN.to(x_RK.dtype), offs=offs)
+        # Each chunk's rows must start at row 0 of its call: the chunk boundaries are read on the host (one
+        # synchronisation per call, cheaper than one matmul per expert).
+        chunks = range(0, L, MAX_GROUPS)
+        edges = torch.cumsum(counts_L, 0)[[c - 1 for c in chunks[1:]] + [L - 1]].tolist()
+        parts, start = [], 0
+        for c, end in zip(chunks, edges):
+            parts.append(grouped_mm(x_RK[start:end], w_LKN[c:c + MAX_GROUPS], counts_L[c:c + MAX_GROUPS], kernel))
+            start = end
+        return torch.cat(parts + [x_RK.new_zeros((x_RK.shape[0] - start, N))])
     sizes = counts_L.tolist()
     n = sum(sizes)
     parts = [p @ w_LKN[i].to(x_RK.dtype) for i, p in enumerate(torch.split(x_RK[:n], sizes))]
@@ -76,8 +91,8 @@ class GroupedExperts(nn.Module):
         if self.kernel != "auto":
             return self.kernel
         F_in = self.w1_LDF.shape[-1]
-        ok = (grouped_mm_supported(device, dtype, self.hidden_size, F_in, self.num_local)
-              and grouped_mm_supported(device, dtype, self.ffn_size, self.hidden_size, self.num_local))
+        ok = (grouped_mm_supported(device, dtype, self.hidden_size, F_in)
+              and grouped_mm_supported(device, dtype, self.ffn_size, self.hidden_size))
         return "grouped_mm" if ok else "loop"
 
     def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:

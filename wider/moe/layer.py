@@ -33,7 +33,8 @@ from torch import nn
 
 from wider.moe import dispatch
 from wider.moe.experts import GroupedExperts, init_expert_weights, scaled_output_std
-from wider.moe.router import SoftmaxTopKRouter, route_tokens, router_entropy
+from wider.moe.router import (SigmoidTopKRouter, SoftmaxTopKRouter, route_sigmoid, route_tokens, router_entropy,
+                              sequence_entropy_loss, sequence_prob_sums)
 from wider.moe.settings import MoESettings
 
 _EXPERT_KEY = re.compile(r"^deepspeed_experts\.(\d+)\.(w1|w2)$")
@@ -50,6 +51,13 @@ class CallRecord:
     entropy: torch.Tensor
     routed_E: torch.Tensor  # assignments the router made per expert (before capacity)
     kept_E: torch.Tensor  # assignments that reached the expert
+    # Sequence entropy regulariser (sigmoid routers): per-sequence sums of softmax(s), with grad, [B, E]; the
+    # tokens per sequence they sum over; the weight. wider.moe.stats.take pools them over every call of the
+    # layer before taking the entropy (the regulariser is not a sum of per-call terms). None = no regulariser.
+    prob_sums_BE: Optional[torch.Tensor] = None
+    tokens_per_seq: int = 0
+    entropy_weight: float = 0.0
+    router: str = ""  # which router of the layer made the record ("" for an MoE FFN; SwitchHead: "v" or "o")
 
 
 def expert_parallel_group_name(ep_size: int) -> str:
@@ -78,15 +86,26 @@ class MoE(_DeepSpeedMoE):
     """Top-k MoE FFN: forward(hidden [..., D]) -> (output [..., D], weighted aux loss, routed counts [E]),
     the same return contract as deepspeed.moe.layer.MoE.
 
-    Aux losses: balance (weight settings.aux_loss_weight) and z-loss (settings.z_loss_weight) are summed
-    into one weighted scalar per call; every call also appends a CallRecord to `self.records`, which
-    wider.moe.stats collects (a layer shared by several blocks reports once per call, in call order).
+    router: "softmax" (Switch / GLaM / WideNet; see SoftmaxTopKRouter) or "sigmoid" (sigma-MoE, MoEUT: see
+    SigmoidTopKRouter; the router LayerNorms its own input while the experts read the raw hidden states).
+
+    Aux losses: softmax routers: balance (weight settings.aux_loss_weight) and z-loss (settings.z_loss_weight)
+    are summed into one weighted scalar per call. Sigmoid routers: no balance loss (aux_loss_weight does not
+    apply; the balance value is still reported); z-loss as above; and the sequence entropy regulariser
+    (weight `entropy_weight`, default settings.entropy_weight_ffn), pooled over every call of the layer by
+    wider.moe.stats.take. Every call appends a CallRecord to `self.records`, which wider.moe.stats collects (a
+    layer shared by several blocks reports once per call, in call order). The aux returned by forward counts
+    the entropy regulariser of this call alone (equal to the pooled one for a layer called once per step).
+
+    seq_dim: where the sequence runs in the input [..., D] (megatron's [s, b, h]: 0); it decides which tokens
+    the entropy regulariser pools. A [T, D] input is one sequence.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, ffn_size: int, settings: MoESettings,
                  activation: str = "gelu", noise_std: float = 0.0, renormalize: bool = False,
                  init_std: float = 0.02, output_std: Optional[float] = None, num_layers_for_init: int = 1,
-                 label: str = "moe", shared: bool = False):
+                 label: str = "moe", shared: bool = False, router: str = "softmax",
+                 entropy_weight: Optional[float] = None, seq_dim: int = 0):
         nn.Module.__init__(self)  # not DeepSpeed's __init__: it would build its own gate and dispatcher
         ep = settings.ep_size
         if num_experts % ep:
@@ -97,11 +116,22 @@ class MoE(_DeepSpeedMoE):
         self.use_residual, self.enable_expert_tensor_parallelism = False, False
 
         self.hidden_size, self.top_k, self.settings = hidden_size, top_k, settings
+        if router not in ("softmax", "sigmoid"):
+            raise ValueError(f"router {router!r} is not a router kind; use 'softmax' or 'sigmoid'")
+        if router == "sigmoid" and (noise_std or renormalize):
+            raise ValueError(f"router 'sigmoid' takes no noise and no renormalisation (got noise_std {noise_std}, "
+                             f"renormalize {renormalize}); sigma-MoE uses the raw sigmoid gates: pass 0 / False")
+        self.router_kind, self.seq_dim = router, seq_dim
+        self.entropy_weight = (settings.entropy_weight_ffn if entropy_weight is None else float(entropy_weight)) \
+            if router == "sigmoid" else 0.0
         self.label, self.shared = label, shared
         self.records: list[CallRecord] = []
         self._exchange: Optional[dispatch.ExpertExchange] = None
 
-        gate = SoftmaxTopKRouter(hidden_size, num_experts, top_k, noise_std, renormalize, init_std)
+        if router == "sigmoid":
+            gate = SigmoidTopKRouter(hidden_size, num_experts, top_k, init_std)
+        else:
+            gate = SoftmaxTopKRouter(hidden_size, num_experts, top_k, noise_std, renormalize, init_std)
         experts = GroupedExperts(self.num_local_experts, hidden_size, ffn_size, activation)
         # Draw every expert's weights on every rank (same RNG stream), keep this rank's slice.
         out_std = output_std if output_std is not None else scaled_output_std(init_std, num_layers_for_init)
@@ -149,8 +179,11 @@ class MoE(_DeepSpeedMoE):
                                 self.settings.min_capacity)
         route = _route_compiled if (COMPILE_ROUTING and x_TD.is_cuda) else _route
         gate = self.deepspeed_moe.gate
+        sigmoid = self.router_kind == "sigmoid"
+        norm = gate.norm if sigmoid else None
         routing, p = route(x_TD, gate.wg.weight, self.top_k, gate.noise_std if self.training else 0.0,
-                           gate.renormalize, self.num_experts, cap)
+                           gate.renormalize, self.num_experts, cap, norm is not None,
+                           None if norm is None else norm.weight, None if norm is None else norm.bias)
         ex = self.exchange()
         experts = self.deepspeed_moe.experts
         if ex.ep_size == 1:
@@ -165,17 +198,31 @@ class MoE(_DeepSpeedMoE):
         out_TD = dispatch.combine(y_RD, p)
 
         s = self.settings
-        aux = routing.aux["balance"] * s.aux_loss_weight + routing.aux["z"] * s.z_loss_weight
-        self.records.append(CallRecord(aux=aux, balance=routing.aux["balance"].detach(),
-                                       z=routing.aux["z"].detach(), entropy=router_entropy(routing.probs_TE),
-                                       routed_E=p.routed_E.detach(), kept_E=p.counts_E.detach()))
+        aux = routing.aux["z"] * s.z_loss_weight
+        if not sigmoid:
+            aux = aux + routing.aux["balance"] * s.aux_loss_weight
+        record = CallRecord(aux=aux, balance=routing.aux["balance"].detach(), z=routing.aux["z"].detach(),
+                            entropy=router_entropy(routing.probs_TE), routed_E=p.routed_E.detach(),
+                            kept_E=p.counts_E.detach())
+        if sigmoid and self.entropy_weight > 0:
+            token_shape = tuple(shape[:-1])
+            record.prob_sums_BE = sequence_prob_sums(routing.probs_TE, token_shape, self.seq_dim)
+            record.tokens_per_seq = token_shape[self.seq_dim] if len(token_shape) > 1 else T
+            record.entropy_weight = self.entropy_weight
+            aux = aux + self.entropy_weight * sequence_entropy_loss(record.prob_sums_BE, record.tokens_per_seq)
+        self.records.append(record)
         return out_TD.reshape(shape), aux, p.routed_E
 
 
 def _route(x_TD: torch.Tensor, w_ED: torch.Tensor, top_k: int, noise_std: float, renormalize: bool,
-           num_experts: int, cap: Optional[int]):
-    """Router and plan: some forty small element-wise, sort and scatter kernels, forward and backward."""
-    routing = route_tokens(x_TD, w_ED, top_k, noise_std, renormalize)
+           num_experts: int, cap: Optional[int], sigmoid: bool = False, norm_w_D: Optional[torch.Tensor] = None,
+           norm_b_D: Optional[torch.Tensor] = None):
+    """Router and plan: some forty small element-wise, sort and scatter kernels, forward and backward.
+    sigmoid: sigma-MoE routing with the router-input LayerNorm (norm_w_D, norm_b_D; eps 1e-5, nn.LayerNorm's)."""
+    if sigmoid:
+        routing = route_sigmoid(x_TD, w_ED, top_k, norm_w_D, norm_b_D)
+    else:
+        routing = route_tokens(x_TD, w_ED, top_k, noise_std, renormalize)
     return routing, dispatch.plan(routing.expert_ids_TK, routing.weights_TK, num_experts, cap)
 
 

@@ -4,6 +4,14 @@ Shape suffixes: T tokens, D model width, E experts, K experts chosen per token.
 
 Router math runs in fp32 whatever the activations' dtype (bf16 logits make top-k choices noisy and the
 z-loss overflow-prone), as GShard, Switch and DeepSpeed do.
+
+Two kinds (MoE(router=...)):
+- "softmax": top-k of softmax(x W^T), optional noise and renormalisation (Switch, GLaM, WideNet).
+- "sigmoid": sigma-MoE (Csordas et al. 2023; MoEUT, Csordas et al. 2024): logits s = LN(x) W^T with a LayerNorm
+  on the router input only, gates sigmoid(s), top-k by gate, the raw sigmoid values as combine weights (no
+  renormalisation: each expert's gate is independent, so a token may use less than "one expert's worth").
+  No balance loss: the regulariser is minus the entropy of the mean softmax(s) over a sequence
+  (sequence_entropy_loss), weighted by moe.entropy_weight_ffn / entropy_weight_attention.
 """
 
 from __future__ import annotations
@@ -80,6 +88,70 @@ def route_tokens(x_TD: torch.Tensor, w_ED: torch.Tensor, top_k: int, noise_std: 
     return Routing(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, aux=aux, probs_TE=probs_TE)
 
 
+def row_normalised_normal_(w_ED: torch.Tensor, std: float) -> torch.Tensor:
+    """MoEUT's router init, in place: N(0, std), then every row rescaled to norm std * sqrt(D) (the expected norm
+    of such a row), so that no expert starts with a systematically larger logit."""
+    with torch.no_grad():
+        w_ED.normal_(0.0, std)
+        w_ED.mul_(std * math.sqrt(w_ED.shape[-1]) / w_ED.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+    return w_ED
+
+
+class SigmoidTopKRouter(nn.Module):
+    """sigma-MoE's router: LayerNorm on the router input (affine, its own parameters), a bias-free linear map,
+    sigmoid gates, top-k by gate, weights not renormalised.
+
+    Init (MoEUT, DESIGN 5.6): W ~ N(0, init_std), then every row rescaled to the same norm init_std * sqrt(D)
+    (the expected norm of such a row), so that no expert starts with a systematically larger logit. The weight
+    is named `wg` (DeepSpeed's key layout, as SoftmaxTopKRouter); the norm is `norm`."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, init_std: float = 0.02):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.noise_std, self.renormalize = 0.0, False  # read by MoE.forward; fixed for this kind
+        self.norm = nn.LayerNorm(hidden_size)
+        self.wg = nn.Linear(hidden_size, num_experts, bias=False)
+        row_normalised_normal_(self.wg.weight, init_std)
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        return route_sigmoid(x_TD, self.wg.weight, self.top_k, self.norm.weight, self.norm.bias, self.norm.eps)
+
+
+def route_sigmoid(x_TD: torch.Tensor, w_ED: torch.Tensor, top_k: int, norm_w_D: torch.Tensor | None,
+                  norm_b_D: torch.Tensor | None, eps: float = 1e-5) -> Routing:
+    """sigma-MoE routing in fp32: s = LN(x) W^T, weights = sigmoid(s) of the top-k (not renormalised).
+
+    aux["balance"] is only a statistic here (detached: the sigmoid kind trains without a balance loss);
+    aux["z"] keeps its gradient (moe.z_loss_weight, 0 by default). probs_TE = softmax(s): the distribution
+    whose per-sequence mean the entropy regulariser spreads out."""
+    h_TD = F.layer_norm(x_TD.float(), (x_TD.shape[-1],), None if norm_w_D is None else norm_w_D.float(),
+                        None if norm_b_D is None else norm_b_D.float(), eps)
+    logits_TE = F.linear(h_TD, w_ED.float())
+    # sigmoid is monotone: top-k of the gates is top-k of the logits, taken on the gates to keep the values.
+    weights_TK, expert_ids_TK = torch.topk(torch.sigmoid(logits_TE), top_k, dim=-1)
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    aux = {"balance": balance_loss(probs_TE.detach(), expert_ids_TK), "z": z_loss(logits_TE)}
+    return Routing(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, aux=aux, probs_TE=probs_TE)
+
+
+def sequence_prob_sums(probs_TE: torch.Tensor, token_shape: tuple, seq_dim: int) -> torch.Tensor:
+    """Per-sequence sums of the router distribution, [B, E] (with gradient): probs_TE's T tokens laid out as
+    token_shape (the input's shape without D) with the sequence along seq_dim (megatron's [s, b]: 0). A 1-D
+    token_shape is one sequence."""
+    E = probs_TE.shape[-1]
+    if len(token_shape) == 1:
+        return probs_TE.sum(0, keepdim=True)
+    return probs_TE.reshape(*token_shape, E).sum(seq_dim).reshape(-1, E)
+
+
+def sequence_entropy_loss(prob_sums_BE: torch.Tensor, count: int) -> torch.Tensor:
+    """Minus the mean over sequences of the entropy of the mean router distribution p_BE = prob_sums_BE / count
+    (count: tokens per sequence times the calls pooled). Minimising it spreads the sequence's tokens over the
+    experts (MoEUT's regulariser) without pushing any single token's distribution towards uniform."""
+    p_BE = prob_sums_BE / count
+    return (p_BE * torch.log(p_BE.clamp(min=1e-20))).sum(-1).mean()
+
+
 def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     """Mean per-token entropy of the router distribution, in nats (log E = uniform, 0 = one-hot)."""
     p = probs_TE.detach()
@@ -91,4 +163,6 @@ def widenet_noise_std(num_experts: int) -> float:
     return 1.0 / num_experts
 
 
-__all__ = ["Routing", "SoftmaxTopKRouter", "route_tokens", "balance_loss", "z_loss", "router_entropy", "widenet_noise_std"]
+__all__ = ["Routing", "SoftmaxTopKRouter", "SigmoidTopKRouter", "route_tokens", "route_sigmoid", "sequence_prob_sums",
+           "sequence_entropy_loss", "row_normalised_normal_", "balance_loss", "z_loss", "router_entropy",
+           "widenet_noise_std"]

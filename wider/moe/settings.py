@@ -38,6 +38,12 @@ class MoESettings:
                                       "of each MoE layer (a shared layer counts at every call); 0 = off.")
     z_loss_weight: float = _f(0.0, "Weight of the router z-loss mean(logsumexp(logits)^2) (ST-MoE uses "
                                    "1e-3); 0 = off.")
+    entropy_weight_ffn: float = _f(0.01, "Sigmoid-router (sigma-MoE / MoEUT) FFN layers only: weight of minus the "
+                                         "entropy of the mean router distribution softmax(s) over each sequence's "
+                                         "tokens (pooled over every call of a shared layer), averaged over "
+                                         "sequences; such layers take no balance loss. 0 = off. MoEUT: 0.01.")
+    entropy_weight_attention: float = _f(0.001, "The same regulariser for SwitchHead attention's V and O routers "
+                                                "(per head, averaged over heads). 0 = off. MoEUT: 0.001.")
     ep_size: int = _f(1, "Expert-parallel size: experts are split over this many ranks (DeepSpeed's "
                          "expert-parallel groups); must divide the data-parallel size and num_experts.")
 
@@ -70,7 +76,7 @@ class MoESettings:
             raise MoESettingsError(f"{where}: moe.min_capacity must be an integer >= 0, got {self.min_capacity!r}")
         if not isinstance(self.drop_tokens, bool):
             raise MoESettingsError(f"{where}: moe.drop_tokens must be true or false, got {self.drop_tokens!r}")
-        for name in ("aux_loss_weight", "z_loss_weight"):
+        for name in ("aux_loss_weight", "z_loss_weight", "entropy_weight_ffn", "entropy_weight_attention"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise MoESettingsError(f"{where}: moe.{name} must be a number >= 0 (0 = off), got {v!r}")

@@ -36,7 +36,8 @@ class ModelConfig:
 
     arch: str = _f("gpt", "Model builder, one of wider.models.ARCHITECTURES: 'gpt' (dense), 'gpt_moe' "
                           "(Switch / GLaM: MoE in every or every other layer), 'widenet' (one attention and "
-                          "one MoE shared by every block, per-block LayerNorms).")
+                          "one MoE shared by every block, per-block LayerNorms), 'moeut' (MoEUT: sigma-MoE FFN, "
+                          "SwitchHead attention, layer groups, peri-LayerNorm).")
     num_layers: int = _f(2, "Number of transformer blocks.")
     hidden_size: int = _f(128, "Model width d_model.")
     num_attention_heads: int = _f(4, "Attention heads; must divide hidden_size and be divisible by the "
@@ -77,6 +78,17 @@ class ModelConfig:
                                    "std 1/num_experts, as WideNet's official code).")
     router_renormalize: bool = _f(False, "Rescale the top-k router probabilities to sum to 1 (GShard / "
                                          "DeepSpeed top-2); off for WideNet and Switch.")
+    layer_group_size: int = _f(1, "moeut: G distinct layers applied A, B, A, B, ... for num_layers / G repeats "
+                                  "(num_layers must be a multiple of G); 1 = every layer shares one set of "
+                                  "weights (a Universal Transformer).")
+    attention_experts: int = _f(0, "moeut: SwitchHead V and O experts per head; 1 = dense attention with sigmoid "
+                                   "value and output gates.")
+    attention_top_k: int = _f(2, "moeut: SwitchHead experts each token uses per head, for V and for O.")
+    head_dim: Optional[int] = _f(None, "moeut: channels per attention head (MoEUT's d_head, not tied to "
+                                       "hidden_size / heads); None = hidden_size / num_attention_heads.")
+    rope_dims: Optional[int] = _f(None, "moeut: RoPE channels per head, an even count (the rest attend by content "
+                                        "only); None = half of head_dim rounded down to even (MoEUT rotates "
+                                        "half).")
     recompute: str = _f("none", "Activation recompute: 'none' or 'full' (every block, with non-reentrant "
                                 "torch.utils.checkpoint; see patches/nonreentrant_recompute.py).")
 
@@ -255,7 +267,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         v = getattr(m, name)
         _req(0.0 <= v < 1.0, f"model.{name} must be in [0, 1), got {v!r}")
     _req(m.init_method_std > 0, f"model.init_method_std must be positive, got {m.init_method_std!r}")
-    if m.position_embedding == "rope":
+    if m.position_embedding == "rope" and m.arch != "moeut":  # moeut checks its own partial RoPE (rope_dims)
         _req((m.hidden_size // m.num_attention_heads) % 2 == 0,
              f"model: RoPE needs an even head dimension, got hidden_size/heads = "
              f"{m.hidden_size // m.num_attention_heads}")

@@ -221,3 +221,77 @@ def _fine(d_model: int, blocks: int) -> Callable[[], RunConfig]:
 
 for _d, _l in ((256, 4), (256, 8), (512, 4), (512, 8), (768, 4), (768, 12)):
     preset(_fine(_d, _l))
+
+
+# --- MoEUT (DESIGN 5.6; Csordas et al. 2024): sigma-MoE FFN (experts of 128, ReLU), SwitchHead attention (top-2),
+# G distinct layers repeated, peri-LayerNorm, untied embeddings. Dropless (sigma-MoE has no capacity), no balance
+# loss: the sequence entropy regulariser, 0.01 on FFN routers and 0.001 on attention routers. ---
+
+MOEUT_MOE = ["moe.capacity_factor=null", "moe.eval_capacity_factor=null", "moe.z_loss_weight=0.0",
+             "moe.entropy_weight_ffn=0.01", "moe.entropy_weight_attention=0.001"]
+
+
+@preset
+def moeut_smoke() -> RunConfig:
+    """MoEUT 4 layers (2 distinct, A B A B) x 128, 32 experts x 128 top-4, SwitchHead 4 heads x 32, 4 experts: CPU."""
+    cfg = gpt_smoke()
+    return replace(
+        cfg,
+        model=dict(arch="moeut", num_layers=4, layer_group_size=2, hidden_size=128, num_attention_heads=4,
+                   head_dim=32, num_experts=32, moe_top_k=4, moe_ffn_hidden_size=128, attention_experts=4,
+                   attention_top_k=2, activation="relu", add_bias_linear=False, tie_embeddings=False),
+        train=dict(ds_config="auto", ds_set=list(MOEUT_MOE), weight_decay=0.01, clip_grad=0.25, train_iters=300,
+                   eval_interval=150),
+    )
+
+
+def _moeut(d: int, layers: int, G: int, experts: int, k: int, heads: int, att_experts: int, d_head: int):
+    """The paper's table (d, layers, G, FFN experts, k, heads, attention experts, d_head) and training recipe:
+    AdamW 2.5e-4, wd 0.01, cosine to 0.1x, warmup 4000, clip 0.25, 64 x 1024 tokens, SentencePiece 8k.
+    train_iters 100000 (6.6B tokens) is our choice, not a figure from DESIGN 5.6."""
+    cfg = moeut_smoke()
+    return replace(
+        cfg,
+        model=dict(num_layers=layers, layer_group_size=G, hidden_size=d, num_attention_heads=heads, head_dim=d_head,
+                   num_experts=experts, moe_top_k=k, attention_experts=att_experts, seq_length=1024,
+                   vocab_size=8000),
+        train=dict(micro_batch_size=8, global_batch_size=64, train_iters=100000, lr=2.5e-4, min_lr=2.5e-5,
+                   warmup_iters=4000, lr_decay_style="cosine", eval_interval=1000, eval_iters=10, log_interval=10,
+                   save_interval=1000, ds_config="ds_configs/moe_zero1_bf16.json"),
+    )
+
+
+@preset
+def moeut_44m() -> RunConfig:
+    """MoEUT-44M: 16 layers (G 2) x 412, 155 experts x 128 top-12, 4 heads x 82 (RoPE on 40), 8 attention experts."""
+    return _moeut(412, 16, 2, 155, 12, 4, 8, 82)
+
+
+@preset
+def moeut_126m() -> RunConfig:
+    """MoEUT-126M: 18 layers (G 2) x 768, 254 experts x 128 top-12, 4 heads x 96, 10 attention experts."""
+    return _moeut(768, 18, 2, 254, 12, 4, 10, 96)
+
+
+@preset
+def moeut_244m() -> RunConfig:
+    """MoEUT-244M: 18 layers (G 2) x 1024, 387 experts x 128 top-16, 4 heads x 128, 10 attention experts."""
+    return _moeut(1024, 18, 2, 387, 16, 4, 10, 128)
+
+
+@preset
+def moeut_318m() -> RunConfig:
+    """MoEUT-318M: 24 layers (G 3) x 1024, 338 experts x 128 top-16, 4 heads x 128, 10 attention experts."""
+    return _moeut(1024, 24, 3, 338, 16, 4, 10, 128)
+
+
+@preset
+def moeut_727m() -> RunConfig:
+    """MoEUT-727M: 36 layers (G 4) x 1280, 467 experts x 128 top-20, 5 heads x 128, 13 attention experts."""
+    return _moeut(1280, 36, 4, 467, 20, 5, 13, 128)
+
+
+@preset
+def moeut_1b() -> RunConfig:
+    """MoEUT-1040M: 36 layers (G 4) x 1536, 565 experts x 128 top-24, 6 heads x 128, 12 attention experts."""
+    return _moeut(1536, 36, 4, 565, 24, 6, 12, 128)

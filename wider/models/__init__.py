@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 from wider.models.gpt import ParamCount, build_gpt, count_gpt, validate_gpt
 from wider.models.gpt_moe import build_gpt_moe, count_gpt_moe, validate_gpt_moe
+from wider.models.moeut import build_moeut, count_moeut, validate_moeut
 from wider.models.widenet import build_widenet, count_widenet, validate_widenet
 
 
@@ -27,14 +28,17 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt": Architecture("gpt", build_gpt, count_gpt, validate_gpt, "recipes/pretrain_gpt.py"),
     "gpt_moe": Architecture("gpt_moe", build_gpt_moe, count_gpt_moe, validate_gpt_moe, "recipes/pretrain_gpt_moe.py"),
     "widenet": Architecture("widenet", build_widenet, count_widenet, validate_widenet, "recipes/pretrain_widenet.py"),
+    "moeut": Architecture("moeut", build_moeut, count_moeut, validate_moeut, "recipes/pretrain_moeut.py"),
 }
 
 
 def training_flops_per_token(cfg, pc: ParamCount) -> float:
     """Training FLOPs per token, DESIGN section 7: 6 * N_active (embeddings and output layer included)
-    plus the attention score/value products 12 * layers * d_model * seq."""
+    plus the attention score/value products 12 * layers * (heads * d_head) * seq (heads * d_head = d_model
+    unless model.head_dim sets d_head, as MoEUT does)."""
     m = cfg.model
-    return 6.0 * pc.active + 12.0 * m.num_layers * m.hidden_size * m.seq_length
+    attn_width = m.num_attention_heads * (m.head_dim or m.hidden_size // m.num_attention_heads)
+    return 6.0 * pc.active + 12.0 * m.num_layers * attn_width * m.seq_length
 
 
 __all__ = ["ARCHITECTURES", "Architecture", "ParamCount", "training_flops_per_token"]

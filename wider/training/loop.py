@@ -168,9 +168,14 @@ def run(cfg: RunConfig) -> Outcome:
     if moe is not None:
         experts = moe_stats.moe_layers(model)[0].deepspeed_moe.experts
         kernel = experts.kernel_name(layout.device, torch.bfloat16 if bf16 else torch.float32)
+        if any(layer.router_kind == "sigmoid" for layer in moe_stats.moe_layers(model)):  # sigma-MoE: no balance
+            losses = (f"entropy ffn {moe.entropy_weight_ffn} attention {moe.entropy_weight_attention} z "
+                      f"{moe.z_loss_weight}")
+        else:
+            losses = f"aux {moe.aux_loss_weight} z {moe.z_loss_weight}"
         rep.info(f"moe: {m.num_experts} experts x {m.expert_ffn_size} wide, top-{m.moe_top_k} | capacity factor "
                  f"{moe.capacity_factor_for(True)} (eval {moe.capacity_factor_for(False)}, min {moe.min_capacity}) "
-                 f"| aux {moe.aux_loss_weight} z {moe.z_loss_weight} | ep_size {moe.ep_size} | expert kernel "
+                 f"| {losses} | ep_size {moe.ep_size} | expert kernel "
                  f"{kernel}{'' if kernel == 'grouped_mm' else ' (reference loop: grouped GEMM unavailable here)'} | "
                  f"gathers {moe_dispatch.gather_kernel_name(layout.device)}")
     rep.info(f"params: total {fmt_count(counts.total)} | non-embedding {fmt_count(counts.non_embedding)} | "

@@ -100,6 +100,8 @@ class Reporter:
                       f"moe_{split}/{label}/balance_loss": s.balance, f"moe_{split}/{label}/z_loss": s.z,
                       f"moe_{split}/{label}/load_max_x_E": max(s.load) * E,
                       f"moe_{split}/{label}/load_min_x_E": min(s.load) * E}
+            if s.sequence_entropy:  # sigmoid routers (MoEUT): what the entropy regulariser raises
+                values[f"moe_{split}/{label}/sequence_entropy"] = s.sequence_entropy
             if E <= 16:
                 values.update({f"moe_{split}_load/{label}/expert{e:02d}": v for e, v in enumerate(s.load)})
             self.scalars(step, values)
@@ -108,19 +110,29 @@ class Reporter:
 
     def moe_heatmap(self, step: int, summaries: dict) -> None:
         """Image of expert load, one row per MoE call (block), one column per expert. Colour: load x E, i.e.
-        1 (white) = uniform share; blue = under-used (0 = never chosen); red = over-used (>= 2x its share)."""
+        1 (white) = uniform share; blue = under-used (0 = never chosen); red = over-used (>= 2x its share).
+        Routers with different expert counts (MoEUT: FFN experts and SwitchHead's heads x experts) get one
+        image per count, tagged .../E<count>."""
         if not self.writer or not summaries:
             return
+        by_size: dict = {}
+        for s in summaries.values():
+            by_size.setdefault(len(s.load), []).append(s.load)
+        for E, rows in by_size.items():
+            tag = "moe/expert_load_blocks_x_experts" + ("" if len(by_size) == 1 else f"/E{E}")
+            self._heatmap(step, tag, rows)
+
+    def _heatmap(self, step: int, tag: str, rows: list) -> None:
         import numpy as np
 
-        load = np.array([s.load for s in summaries.values()], dtype=np.float64) * len(next(iter(summaries.values())).load)
+        load = np.array(rows, dtype=np.float64) * len(rows[0])
         cell = max(4, min(64, 512 // max(load.shape)))  # about 256-512 px on the long side
         x = np.clip(load, 0.0, 2.0) - 1.0  # [-1, 1]
         white = np.ones(x.shape + (3,))
         blue, red = np.array([0.13, 0.4, 0.85]), np.array([0.85, 0.15, 0.1])
         rgb = np.where((x < 0)[..., None], white + (-x)[..., None] * (blue - 1), white + x[..., None] * (red - 1))
         img = np.kron(rgb.transpose(2, 0, 1), np.ones((1, cell, cell)))  # [3, blocks*cell, experts*cell]
-        self.writer.add_image("moe/expert_load_blocks_x_experts", img.astype(np.float32), step)
+        self.writer.add_image(tag, img.astype(np.float32), step)
 
     def info(self, msg: str) -> None:
         if self.enabled:

@@ -1,0 +1,170 @@
+"""SwitchHead attention (Csordas et al. 2023, as used by MoEUT, Csordas et al. 2024; DESIGN 5.6).
+
+Shape suffixes: S sequence, B batch (sequences), T = S * B tokens (megatron's [s, b] order), D model width,
+H heads, C head channels (d_head), E experts per head, N = H * E expert projections, K choices per head,
+A assignments (T * H * K rows grouped by expert).
+
+Per head h, with z = ln1(x) the normed input (peri-LayerNorm: the caller passes it; None = x itself):
+  q_h = z W_Q^h,  k_h = z W_K^h                                   (dense)
+  v_h[t] = sum_{e in topK(sigmoid(z[t] S_V^h))} sigmoid(.)_e * x[t] W_V^{h,e}     (choice from the SOURCE token t;
+                                                                                   V reads the raw x)
+  a_h = causal softmax attention of q_h, k_h, v_h           (torch SDPA; RoPE on `rope_dims` channels of q, k)
+  out[t] = sum_h sum_{e in topK(sigmoid(z[t] S_O^h))} sigmoid(.)_e * a_h[t] W_O^{h,e}   (choice from the
+                                                                                   DESTINATION token t)
+Gates are the raw sigmoid values (no renormalisation), routers in fp32. With one expert per head and K = 1 this
+is ordinary attention whose values are scaled by a sigmoid gate of the source token and whose heads' outputs
+are scaled by a sigmoid gate of the destination token.
+
+The V and O projections reuse the MoE family: one dispatch.plan over N = H * E experts whose "tokens" are the
+(token, head) pairs (expert ids offset by h * E, so one grouped GEMM serves every head), gather_tokens,
+experts.grouped_mm and dispatch.combine (capacity None: SwitchHead drops nothing). The (token, head) layout
+copies x once per head (T x H x D) for the V gather: simple, and small next to the attention itself.
+
+RoPE on part of each head's channels: MoEUT rotates half of them. 44M's d_head 82 would give 41, an odd count
+that rotary pairs cannot cover (the official module fails on that config, DESIGN 5.6): the default here is
+the largest even count <= d_head / 2 (40 for 82; 48 for 96; 64 for 128), and an odd rope_dims is refused.
+
+Regulariser: per router (V, O), minus the entropy of the mean softmax(s) of each sequence and head, averaged
+over sequences and heads, pooled over every call of a shared layer (wider.moe.stats.take), weight
+moe.entropy_weight_attention. No balance loss.
+
+Plain parameters rather than megatron-core's parallel linears: the expert projections are not
+tensor-parallel (models with experts refuse tensor_parallel > 1, wider.models.gpt_moe.validate_moe_common),
+and attention experts stay data-parallel (they are small; only FFN experts are expert-parallel).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wider.moe import dispatch
+from wider.moe.experts import grouped_mm
+from wider.moe.layer import CallRecord
+from wider.moe.router import balance_loss, router_entropy, row_normalised_normal_, z_loss
+
+
+def default_rope_dims(head_dim: int) -> int:
+    """Half of the head's channels, rounded down to an even count (rotary pairs)."""
+    return (head_dim // 2) // 2 * 2
+
+
+def rotary(x_BHSC: torch.Tensor, rope_dims: int, base: float, positions_S: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first rope_dims channels (rotate-half pairing: channel i with i + rope_dims / 2); the other
+    channels pass unchanged (they attend by content only)."""
+    if rope_dims == 0:
+        return x_BHSC
+    half = rope_dims // 2
+    inv_freq = base ** (-torch.arange(half, device=x_BHSC.device, dtype=torch.float32) / half)
+    angle_SR = positions_S.float()[:, None] * inv_freq[None, :]
+    cos, sin = angle_SR.cos().to(x_BHSC.dtype), angle_SR.sin().to(x_BHSC.dtype)
+    x1, x2, rest = x_BHSC[..., :half], x_BHSC[..., half:rope_dims], x_BHSC[..., rope_dims:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+class SwitchHeadAttention(nn.Module):
+    """forward(x [S, B, D], z [S, B, D] or None, attention_mask=None) -> [S, B, D] (megatron's layout).
+
+    attention_mask: None = causal; else megatron's [B or 1, 1, S, S] boolean mask (True = masked out)."""
+
+    records_routing = True  # wider.moe.stats collects self.records
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, num_experts: int, top_k: int = 2,
+                 rope_dims: Optional[int] = None, rotary_base: float = 10000.0, init_std: float = 0.02,
+                 output_std: Optional[float] = None, entropy_weight: float = 0.001, label: str = "attention",
+                 shared: bool = False):
+        super().__init__()
+        for name, v in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
+                        ("num_experts", num_experts), ("top_k", top_k)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"SwitchHead {name} must be a positive integer, got {v!r}")
+        if top_k > num_experts:
+            raise ValueError(f"SwitchHead top_k {top_k} exceeds the {num_experts} experts per head; use "
+                             f"top_k <= {num_experts}")
+        rope_dims = default_rope_dims(head_dim) if rope_dims is None else rope_dims
+        if rope_dims % 2 or not 0 <= rope_dims <= head_dim:
+            raise ValueError(f"SwitchHead rope_dims {rope_dims} must be an even count in [0, head_dim={head_dim}] "
+                             f"(rotary channels come in pairs); e.g. {default_rope_dims(head_dim)}")
+        D, H, C, E = hidden_size, num_heads, head_dim, num_experts
+        self.hidden_size, self.num_heads, self.head_dim, self.num_experts, self.top_k = D, H, C, E, top_k
+        self.rope_dims, self.rotary_base, self.entropy_weight = rope_dims, float(rotary_base), float(entropy_weight)
+        self.label, self.shared = label, shared
+        self.records: list[CallRecord] = []
+        out_std = output_std if output_std is not None else init_std
+        self.q_XD = nn.Parameter(torch.empty(H * C, D).normal_(0.0, init_std))  # X = H * C
+        self.k_XD = nn.Parameter(torch.empty(H * C, D).normal_(0.0, init_std))
+        self.v_NDC = nn.Parameter(torch.empty(H * E, D, C).normal_(0.0, init_std))
+        self.o_NCD = nn.Parameter(torch.empty(H * E, C, D).normal_(0.0, out_std))
+        self.sel_v_ND = nn.Parameter(row_normalised_normal_(torch.empty(H * E, D), init_std))
+        self.sel_o_ND = nn.Parameter(row_normalised_normal_(torch.empty(H * E, D), init_std))
+
+    def _route(self, z_TD: torch.Tensor, sel_ND: torch.Tensor, name: str, S: int, B: int) -> dispatch.Plan:
+        """Sigmoid top-k per head in fp32 -> a plan over the (token, head) pairs; records the call."""
+        T, H, E, K = z_TD.shape[0], self.num_heads, self.num_experts, self.top_k
+        logits_THE = F.linear(z_TD.float(), sel_ND.float()).view(T, H, E)
+        weights_THK, ids_THK = torch.topk(torch.sigmoid(logits_THE), K, dim=-1)
+        # Head h's experts are global ids h * E ... h * E + E - 1: one plan and one grouped GEMM for all heads.
+        ids_THK = ids_THK + (torch.arange(H, device=z_TD.device) * E).view(1, H, 1)
+        p = dispatch.plan(ids_THK.reshape(T * H, K), weights_THK.reshape(T * H, K), H * E, None)
+        probs_THE = torch.softmax(logits_THE, dim=-1)
+        probs_XE = probs_THE.reshape(T * H, E)  # (token, head) rows
+        record = CallRecord(aux=logits_THE.new_zeros(()),
+                            balance=balance_loss(probs_XE.detach(), (ids_THK % E).reshape(T * H, K)),
+                            z=z_loss(logits_THE).detach(), entropy=router_entropy(probs_XE),
+                            routed_E=p.routed_E.detach(), kept_E=p.counts_E.detach(), router=name)
+        if self.entropy_weight > 0:
+            # Per-sequence, per-head sums [B * H, E]: tokens are in [s, b] order, so sum over s.
+            record.prob_sums_BE = probs_THE.view(S, B, H, E).sum(0).reshape(B * H, E)
+            record.tokens_per_seq, record.entropy_weight = S, self.entropy_weight
+        self.records.append(record)
+        return p
+
+    def _experts(self, rows_XI: torch.Tensor, w_NIO: torch.Tensor, p: dispatch.Plan) -> torch.Tensor:
+        """(token, head) rows [T * H, I] through their chosen experts, weighted and summed: [T * H, O]."""
+        y_AO = grouped_mm(dispatch.gather_tokens(rows_XI, p), w_NIO, p.counts_E)
+        return dispatch.combine(y_AO, p)
+
+    def forward(self, x_SBD: torch.Tensor, z_SBD: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        S, B, D = x_SBD.shape
+        H, C = self.num_heads, self.head_dim
+        T = S * B
+        z_SBD = x_SBD if z_SBD is None else z_SBD
+        x_TD, z_TD = x_SBD.reshape(T, D), z_SBD.reshape(T, D)
+
+        def heads(t_TX: torch.Tensor) -> torch.Tensor:  # [T, H * C] -> [B, H, S, C]
+            return t_TX.view(S, B, H, C).permute(1, 2, 0, 3)
+
+        positions_S = torch.arange(S, device=x_SBD.device)
+        q = rotary(heads(F.linear(z_TD, self.q_XD.to(z_TD.dtype))), self.rope_dims, self.rotary_base, positions_S)
+        k = rotary(heads(F.linear(z_TD, self.k_XD.to(z_TD.dtype))), self.rope_dims, self.rotary_base, positions_S)
+
+        # V: the source token's choice, applied to the raw x (each token's row repeated once per head).
+        p_v = self._route(z_TD, self.sel_v_ND, "v", S, B)
+        x_XD = x_TD.unsqueeze(1).expand(T, H, D).reshape(T * H, D)
+        v = heads(self._experts(x_XD, self.v_NDC, p_v).to(x_TD.dtype).reshape(T, H * C))
+
+        if attention_mask is None:
+            a_BHSC = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(C))
+        else:  # megatron masks mark positions to hide; SDPA's boolean mask marks positions to keep
+            a_BHSC = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask.to(torch.bool),
+                                                    scale=1.0 / math.sqrt(C))
+
+        # O: the destination token's choice; each head's output goes through its own experts, heads summed.
+        p_o = self._route(z_TD, self.sel_o_ND, "o", S, B)
+        a_XC = a_BHSC.permute(2, 0, 1, 3).reshape(T * H, C)
+        out_XD = self._experts(a_XC, self.o_NCD, p_o)
+        return out_XD.view(T, H, D).sum(1).to(x_SBD.dtype).view(S, B, D)
+
+
+def switchhead_params(hidden_size: int, num_heads: int, head_dim: int, num_experts: int,
+                      top_k: int) -> tuple[int, int]:
+    """(all parameters, those one token applies) of one SwitchHead, norms excluded: dense Q and K (2 D H C), V
+    and O experts (2 H E C D; a token applies K per head), two routers (2 D H E)."""
+    D, H, C, E = hidden_size, num_heads, head_dim, num_experts
+    dense = 2 * D * H * C + 2 * D * H * E
+    return dense + 2 * H * E * C * D, dense + 2 * H * top_k * C * D

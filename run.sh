@@ -10,7 +10,8 @@
 #
 # Environment: WIDER_PYTHON (interpreter for the venv, default python3.11 or python3), WIDER_CPU_RANKS (CPU
 # ranks when there is no GPU, default 2), OMP_NUM_THREADS (threads per CPU rank, default 1),
-# WIDER_NUM_GPUS (GPUs to use, default all), WIDER_TORCH_INDEX (pip index for torch on CPU-only machines).
+# WIDER_NUM_GPUS (GPUs to use, default all), WIDER_TORCH_INDEX (pip index for torch on CPU-only machines),
+# WIDER_MASTER_PORT (rendezvous port, default a free one: two runs on one machine do not collide on 29500).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -73,12 +74,13 @@ except ValueError as e: sys.exit(f'error: {e}')" "$preset")
   local recipe=recipes/pretrain_${arch}.py
   # The embedded corpus is the default data of every preset; it is prepared once and cached.
   prepare_embedded
+  local port=${WIDER_MASTER_PORT:-$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
   if has_gpu; then
     local n=${WIDER_NUM_GPUS:-$(nvidia-smi -L | wc -l)}
-    exec "$VENV/bin/deepspeed" --num_gpus "$n" "$recipe" --preset "$preset" "$@"
+    exec "$VENV/bin/deepspeed" --num_gpus "$n" --master_port "$port" "$recipe" --preset "$preset" "$@"
   else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # cpu: skips the CUDA probe and its warning
-    exec "$VENV/bin/deepspeed" --num_gpus "${WIDER_CPU_RANKS:-2}" "$recipe" --preset "$preset" "$@"
+    exec "$VENV/bin/deepspeed" --num_gpus "${WIDER_CPU_RANKS:-2}" --master_port "$port" "$recipe" --preset "$preset" "$@"
   fi
 }
 

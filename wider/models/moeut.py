@@ -33,9 +33,14 @@ meta device (no memory) and checks the built parameter count against this formul
 Statistics: each distinct layer reports under its own label (group0.ffn, group0.attention.v / .o, ...), its
 repeats summed; its entropy regulariser pools every repeat (wider.moe.stats.take).
 
+Expert parallelism: moe.ep_size splits the sigma-MoE FFN experts over ranks (wider.moe.layer.MoE, all-to-all
+dispatch); SwitchHead's attention experts stay replicated on every rank at any ep_size (plain parameters, dense
+all-reduce; see wider.models.switchhead). tests/test_moeut.py checks ep_size 2 = ep_size 1 on two ranks.
+Dense baselines of equal parameter count: presets moeut_dense_44m / 126m / 244m (arch gpt).
+
 Not here yet (issue 5): megatron-core embeddings / linears (plain torch modules are used; models with experts
-refuse tensor parallelism anyway), activation recompute, document-reset position ids, the dense baselines,
-the ep_size 2 test, the learning test of moeut_smoke and the benchmark.
+refuse tensor parallelism anyway), activation recompute, document-reset position ids, expert-parallel
+attention experts, and the benchmark.
 """
 
 from __future__ import annotations

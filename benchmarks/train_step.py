@@ -3,10 +3,12 @@ beside "the obvious build" (the same model with DeepSpeed's stock MoE in the MLP
 
     python benchmarks/train_step.py           # GPU: 24 x 1024, 16 heads, seq 2048, micro-batch 8, bf16
     python benchmarks/train_step.py --cpu     # these 2-core machines: 4 x 256, seq 256, micro-batch 2, fp32
+    python benchmarks/train_step.py --groups moeut   # only MoEUT-244M beside its dense baseline (16 x 1024)
 
 Models (DESIGN section 7, issue 4): dense megatron-core GPT; WideNet E 8, k 2 (one attention and one MoE shared
 by every block, expert width 4 d); fine-grained E 64, k 8, d_expert = d / 2 (G 8: the dense model's active
-FLOPs). MoE layers are dropless for ours and capacity 1.25 for the stock layer (it has no dropless top-k path
+FLOPs); MoEUT-244M (issue 5) beside its dense baseline of equal parameters (moeut_dense_244m), 16 x 1024 tokens
+per step. MoE layers are dropless for ours and capacity 1.25 for the stock layer (it has no dropless top-k path
 that avoids its [tokens, experts, capacity] tensors). Tokens/s is the median over --iters steps after
 --warmup; MFU = (6 * N_active * tokens + 12 * layers * d * seq * tokens) / (step time * peak), DESIGN 7,
 with --peak-tflops (H100 bf16 dense: 989) and shown on GPU only.
@@ -68,6 +70,7 @@ def build(kind: str, obvious: bool, cfg, vocab: int, bf16: bool):
 
 
 def configs(cpu: bool):
+    """(group, label, arch, config, micro-batch or None for --micro-batch); "vs dense" compares within a group."""
     from wider import presets
 
     base = presets.get("gpt_350m")
@@ -80,7 +83,14 @@ def configs(cpu: bool):
                                             moe_ffn_hidden_size=4 * d))
     fine = presets.replace(base, model=dict(**shape, arch="gpt_moe", num_experts=64, moe_top_k=8,
                                             moe_ffn_hidden_size=d // 2, moe_layer_freq=1))
-    return [("dense GPT", "gpt", dense), ("WideNet E8 k2", "widenet", wide), ("fine-grained E64 k8", "gpt_moe", fine)]
+    # MoEUT-244M beside its dense baseline of equal parameters, 16 x 1024 tokens per step as in DESIGN 7's
+    # measurement of the official code (CPU: the smoke sizes).
+    moeut, moeut_dense = (("moeut_smoke", "gpt_smoke") if cpu else ("moeut_244m", "moeut_dense_244m"))
+    mb_ut = 2 if cpu else 16
+    return [("gpt", "dense GPT", "gpt", dense, None), ("gpt", "WideNet E8 k2", "widenet", wide, None),
+            ("gpt", "fine-grained E64 k8", "gpt_moe", fine, None),
+            ("moeut", moeut_dense, "gpt", presets.get(moeut_dense), mb_ut),
+            ("moeut", moeut, "moeut", presets.get(moeut), mb_ut)]
 
 
 def main(argv=None) -> int:
@@ -90,6 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="Timed steps (default 10 GPU, 3 CPU).")
     ap.add_argument("--warmup", type=int, default=None, help="Untimed steps first (default 3 GPU, 1 CPU).")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="Dense bf16 peak for MFU (H100: 989).")
+    ap.add_argument("--groups", nargs="+", default=["gpt", "moeut"],
+                    help="Which comparisons: gpt (dense / WideNet / fine-grained at 24 x 1024) and moeut "
+                         "(MoEUT-244M beside its dense baseline). Default both.")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if cuda else "cpu")
@@ -113,10 +126,13 @@ def main(argv=None) -> int:
     header = f"{'model':<22} {'build':<20} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'vs dense':>9} {'peak GiB':>9}"
     print(header)
     print("-" * len(header))
-    dense_ms = None
-    for label, kind, cfg in configs(not cuda):
+    dense_ms = {}
+    for group, label, kind, cfg, mb_cfg in configs(not cuda):
+        if group not in args.groups:
+            continue
         m = cfg.model
-        for obvious in ([False] if kind == "gpt" else [False, True]):
+        mb_run = mb_cfg or mb
+        for obvious in ([False, True] if kind in ("widenet", "gpt_moe") else [False]):
             parallel.set_seed(1)
             try:
                 model, active = build(kind, obvious, cfg, 8000, bf16)
@@ -125,8 +141,8 @@ def main(argv=None) -> int:
                 continue
             model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=cuda)
-            tokens = torch.randint(0, 8000, (mb, m.seq_length), device=device)
-            pos = torch.arange(m.seq_length, device=device).expand(mb, -1)
+            tokens = torch.randint(0, 8000, (mb_run, m.seq_length), device=device)
+            pos = torch.arange(m.seq_length, device=device).expand(mb_run, -1)
             times = []
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -147,14 +163,14 @@ def main(argv=None) -> int:
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
             step = statistics.median(times)
-            ntok = mb * m.seq_length
+            ntok = mb_run * m.seq_length
             flops = 6 * active * ntok + 12 * m.num_layers * m.hidden_size * m.seq_length * ntok
             mfu = f"{flops / step / (args.peak_tflops * 1e12):.3f}" if cuda else "-"
             if kind == "gpt":
-                dense_ms = step
+                dense_ms[group] = step
             peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "-"
             print(f"{label:<22} {'stock DeepSpeed MoE' if obvious else 'wider':<20} {step * 1e3:>9.1f} "
-                  f"{ntok / step:>10.0f} {mfu:>7} {step / dense_ms:>8.2f}x {peak:>9}", flush=True)
+                  f"{ntok / step:>10.0f} {mfu:>7} {step / dense_ms[group]:>8.2f}x {peak:>9}", flush=True)
             del model, opt
     parallel.destroy()
     return 0

@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.common import start  # noqa: E402
+
 GPU_SHAPES = [(1024, 8, 2, 4096), (1024, 64, 8, 512), (1024, 128, 16, 256), (2048, 16, 2, 8192)]
 CPU_SHAPES = [(256, 8, 2, 1024), (256, 64, 8, 128), (256, 128, 16, 64), (512, 16, 2, 2048)]
 
@@ -120,28 +122,17 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="Timed passes (default 20 GPU, 3 CPU).")
     ap.add_argument("--warmup", type=int, default=None, help="Untimed passes first (default 5 GPU, 1 CPU).")
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.cpu
-    if not cuda and not args.cpu:
+    if not args.cpu and not torch.cuda.is_available():
         print("no CUDA device: running the --cpu mode", flush=True)
-    device = torch.device("cuda" if cuda else "cpu")
+    device = start(args.cpu)
+    cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     tokens = args.tokens or (16384 if cuda else 2048)
     iters = args.iters or (20 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     shapes = GPU_SHAPES if cuda else CPU_SHAPES
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
-
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import patches
     from wider import parallel
 
-    patches.apply_defaults()
-    parallel.init_distributed(1)
-    from wider.moe.layer import ensure_expert_groups
-
-    ensure_expert_groups(1)
     print(f"device {torch.cuda.get_device_name() if cuda else 'CPU'} | {dtype} | {tokens} tokens | torch "
           f"{torch.__version__} | median of {iters} fwd+bwd", flush=True)
     header = f"{'shape':<28} {'layer':<34} {'ms':>9} {'TFLOP/s':>9} {'vs dense':>9} {'peak GiB':>9}"

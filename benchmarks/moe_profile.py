@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.common import start  # noqa: E402
 from benchmarks.moe_layer import CPU_SHAPES, GPU_SHAPES, ours, time_fwd_bwd  # noqa: E402
 
 # Kernel-name fragments -> category (first match wins; names differ between CPU ops and CUDA kernels, so both
@@ -111,21 +112,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=None, help="Tokens per pass (default 16384 GPU, 2048 CPU).")
     ap.add_argument("--top", type=int, default=12, help="Kernels listed per shape.")
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if cuda else "cpu")
+    device = start(args.cpu)
+    cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     tokens = args.tokens or (16384 if cuda else 2048)
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import patches
     from wider import parallel
-    from wider.moe.layer import ensure_expert_groups
 
-    patches.apply_defaults()
-    parallel.init_distributed(1)
-    ensure_expert_groups(1)
     print(f"device {torch.cuda.get_device_name() if cuda else 'CPU'} | {dtype} | {tokens} tokens | torch "
           f"{torch.__version__}", flush=True)
     for d, E, k, de in GPU_SHAPES if cuda else CPU_SHAPES:

@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.common import start  # noqa: E402
+
 
 class StockMoEMLP(torch.nn.Module):
     """The obvious build: deepspeed.moe.layer.MoE in megatron's MLP slot."""
@@ -104,23 +106,13 @@ def main(argv=None) -> int:
                     help="Which comparisons: gpt (dense / WideNet / fine-grained at 24 x 1024) and moeut "
                          "(MoEUT-244M beside its dense baseline). Default both.")
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if cuda else "cpu")
-    bf16 = cuda
+    device = start(args.cpu)
+    cuda = bf16 = device.type == "cuda"
     mb = args.micro_batch or (8 if cuda else 2)
     iters = args.iters or (10 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import patches
     from wider import parallel
-    from wider.moe.layer import ensure_expert_groups
 
-    patches.apply_defaults()
-    parallel.init_distributed(1)
-    ensure_expert_groups(1)
     print(f"device {torch.cuda.get_device_name() if cuda else 'CPU'} | {'bf16' if bf16 else 'fp32'} | micro-batch {mb}"
           f" | median of {iters} steps", flush=True)
     header = f"{'model':<22} {'build':<20} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'vs dense':>9} {'peak GiB':>9}"

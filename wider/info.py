@@ -20,6 +20,7 @@ split) ends with the run's own error message and exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -97,24 +98,20 @@ def main(argv=None) -> int:
 
 
 def _own_flags(argv: list) -> tuple[bool, bool, int, list]:
-    """Take --json, --plan and --world-size N (or --world-size=N) out of argv; the rest is the config's."""
-    rest, as_json, want_plan, world_size, seen_world = [], False, False, 1, False
-    it = iter(argv)
-    for a in it:
-        if a == "--json":
-            as_json = True
-        elif a == "--plan":
-            want_plan = True
-        elif a == "--world-size" or a.startswith("--world-size="):
-            text = a.split("=", 1)[1] if "=" in a else next(it, None)
-            if text is None or not text.isdigit() or int(text) < 1:
-                raise ValueError(f"--world-size needs a positive integer (ranks in the launch), got {text!r}")
-            world_size, seen_world = int(text), True
-        else:
-            rest.append(a)
-    if seen_world and not want_plan:
+    """Take --json, --plan and --world-size N out of argv; the rest is the config's (wider.cli)."""
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    own.add_argument("--json", action="store_true")
+    own.add_argument("--plan", action="store_true")
+    own.add_argument("--world-size", type=int, default=None)
+    try:
+        args, rest = own.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise ValueError(f"--world-size needs a positive integer (ranks in the launch): {e}") from None
+    if args.world_size is not None and args.world_size < 1:
+        raise ValueError(f"--world-size needs a positive integer (ranks in the launch), got {args.world_size}")
+    if args.world_size is not None and not args.plan:
         raise ValueError("--world-size is used by the memory plan; add --plan")
-    return as_json, want_plan, world_size, rest
+    return args.json, args.plan, args.world_size or 1, rest
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from torch import nn
 from wider.moe import dispatch
 from wider.moe.experts import grouped_mm
 from wider.moe.layer import CallRecord
-from wider.moe.router import balance_loss, router_entropy, row_normalised_normal_, z_loss
+from wider.moe.router import router_entropy, row_normalised_normal_, sigmoid_topk
 
 
 def default_rope_dims(head_dim: int) -> int:
@@ -111,17 +111,15 @@ class SwitchHeadAttention(nn.Module):
     def _route(self, z_TD: torch.Tensor, sel_ND: torch.Tensor, name: str, S: int, B: int) -> dispatch.Plan:
         """Sigmoid top-k per head in fp32 -> a plan over the (token, head) pairs; records the call."""
         T, H, E, K = z_TD.shape[0], self.num_heads, self.num_experts, self.top_k
-        logits_THE = F.linear(z_TD.float(), sel_ND.float()).view(T, H, E)
-        weights_THK, ids_THK = torch.topk(torch.sigmoid(logits_THE), K, dim=-1)
+        # One routing row per (token, head): each head chooses among its own E experts.
+        r = sigmoid_topk(F.linear(z_TD.float(), sel_ND.float()).view(T * H, E), K)
         # Head h's experts are global ids h * E ... h * E + E - 1: one plan and one grouped GEMM for all heads.
-        ids_THK = ids_THK + (torch.arange(H, device=z_TD.device) * E).view(1, H, 1)
-        p = dispatch.plan(ids_THK.reshape(T * H, K), weights_THK.reshape(T * H, K), H * E, None)
-        probs_THE = torch.softmax(logits_THE, dim=-1)
-        probs_XE = probs_THE.reshape(T * H, E)  # (token, head) rows
-        record = CallRecord(aux=logits_THE.new_zeros(()),
-                            balance=balance_loss(probs_XE.detach(), (ids_THK % E).reshape(T * H, K)),
-                            z=z_loss(logits_THE).detach(), entropy=router_entropy(probs_XE),
-                            routed_E=p.routed_E.detach(), kept_E=p.counts_E.detach(), router=name)
+        ids_XK = (r.expert_ids_TK.view(T, H, K) + (torch.arange(H, device=z_TD.device) * E).view(1, H, 1))
+        p = dispatch.plan(ids_XK.reshape(T * H, K), r.weights_TK, H * E, None)
+        probs_THE = r.probs_TE.view(T, H, E)
+        record = CallRecord(aux=r.probs_TE.new_zeros(()), balance=r.aux["balance"], z=r.aux["z"].detach(),
+                            entropy=router_entropy(r.probs_TE), routed_E=p.routed_E.detach(),
+                            kept_E=p.counts_E.detach(), router=name)
         if self.entropy_weight > 0:
             # Per-sequence, per-head sums [B * H, E]: tokens are in [s, b] order, so sum over s.
             record.prob_sums_BE = probs_THE.view(S, B, H, E).sum(0).reshape(B * H, E)

@@ -40,7 +40,6 @@ class Plan:
     stays a device tensor (counts_E.sum())."""
 
     token_A: torch.Tensor  # token index of each row
-    weight_A: torch.Tensor  # its combine weight (0 for dropped rows; detached, for statistics and tests)
     live_A: torch.Tensor  # bool: kept
     counts_E: torch.Tensor  # kept assignments per expert (int64)
     routed_E: torch.Tensor  # assignments the router made per expert, before capacity (int64)
@@ -49,6 +48,12 @@ class Plan:
     row_TK: torch.Tensor  # the row of each assignment; dropped ones point at row 0 (a kept row) with weight 0
     live_TK: torch.Tensor  # bool: assignment kept
     weight_TK: torch.Tensor  # combine weights, with their gradient to the router; 0 where dropped
+
+    @property
+    def weight_A(self) -> torch.Tensor:
+        """Each row's combine weight (0 for dropped rows; detached): for statistics and tests, so computed on
+        demand rather than in the hot path."""
+        return self.weight_TK.detach().reshape(-1)[self.source_A]
 
     def kept(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(token, weight, expert) of the kept rows only (synchronises: for tests and expert parallelism)."""
@@ -91,8 +96,7 @@ def plan(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
     row_TK = torch.where(live_flat, row_flat, 0).view(T, K)
     live_TK = live_flat.view(T, K)
     weight_TK = torch.where(live_TK, weights_TK, torch.zeros((), dtype=weights_TK.dtype, device=dev))
-    weight_A = weight_TK.detach().reshape(-1)[source_A]
-    return Plan(token_A=token_A, weight_A=weight_A, live_A=live_A, counts_E=counts_E, routed_E=routed_E,
+    return Plan(token_A=token_A, live_A=live_A, counts_E=counts_E, routed_E=routed_E,
                 dropless=cap is None, source_A=source_A, row_TK=row_TK, live_TK=live_TK, weight_TK=weight_TK)
 
 

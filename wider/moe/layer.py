@@ -33,8 +33,8 @@ from torch import nn
 
 from wider.moe import dispatch
 from wider.moe.experts import GroupedExperts, init_expert_weights, scaled_output_std
-from wider.moe.router import (SigmoidTopKRouter, SoftmaxTopKRouter, route_sigmoid, route_tokens, router_entropy,
-                              sequence_entropy_loss, sequence_prob_sums)
+from wider.moe.router import (SigmoidTopKRouter, SoftmaxTopKRouter, router_entropy, sequence_entropy_loss,
+                              sequence_prob_sums)
 from wider.moe.settings import MoESettings
 
 _EXPERT_KEY = re.compile(r"^deepspeed_experts\.(\d+)\.(w1|w2)$")
@@ -178,12 +178,9 @@ class MoE(_DeepSpeedMoE):
         cap = dispatch.capacity(T, self.top_k, self.num_experts, self.settings.capacity_factor_for(self.training),
                                 self.settings.min_capacity)
         route = _route_compiled if (COMPILE_ROUTING and x_TD.is_cuda) else _route
-        gate = self.deepspeed_moe.gate
+        fn, args = self.deepspeed_moe.gate.routing_call(self.training)
+        routing, p = route(fn, x_TD, args, self.num_experts, cap)
         sigmoid = self.router_kind == "sigmoid"
-        norm = gate.norm if sigmoid else None
-        routing, p = route(x_TD, gate.wg.weight, self.top_k, gate.noise_std if self.training else 0.0,
-                           gate.renormalize, self.num_experts, cap, norm is not None,
-                           None if norm is None else norm.weight, None if norm is None else norm.bias)
         ex = self.exchange()
         experts = self.deepspeed_moe.experts
         if ex.ep_size == 1:
@@ -214,15 +211,10 @@ class MoE(_DeepSpeedMoE):
         return out_TD.reshape(shape), aux, p.routed_E
 
 
-def _route(x_TD: torch.Tensor, w_ED: torch.Tensor, top_k: int, noise_std: float, renormalize: bool,
-           num_experts: int, cap: Optional[int], sigmoid: bool = False, norm_w_D: Optional[torch.Tensor] = None,
-           norm_b_D: Optional[torch.Tensor] = None):
-    """Router and plan: some forty small element-wise, sort and scatter kernels, forward and backward.
-    sigmoid: sigma-MoE routing with the router-input LayerNorm (norm_w_D, norm_b_D; eps 1e-5, nn.LayerNorm's)."""
-    if sigmoid:
-        routing = route_sigmoid(x_TD, w_ED, top_k, norm_w_D, norm_b_D)
-    else:
-        routing = route_tokens(x_TD, w_ED, top_k, noise_std, renormalize)
+def _route(fn, x_TD: torch.Tensor, args: tuple, num_experts: int, cap: Optional[int]):
+    """Router (fn(x_TD, *args): a router's routing_call) and plan: some forty small element-wise, sort and
+    scatter kernels, forward and backward."""
+    routing = fn(x_TD, *args)
     return routing, dispatch.plan(routing.expert_ids_TK, routing.weights_TK, num_experts, cap)
 
 

@@ -69,9 +69,14 @@ class SoftmaxTopKRouter(nn.Module):
         self.wg = nn.Linear(hidden_size, num_experts, bias=False)
         nn.init.normal_(self.wg.weight, mean=0.0, std=init_std)
 
+    def routing_call(self, training: bool) -> tuple:
+        """(function, its arguments after x_TD): the router's math as a plain function of tensors and numbers,
+        which the MoE layer compiles once for every layer (no guard on which module it belongs to)."""
+        return route_tokens, (self.wg.weight, self.top_k, self.noise_std if training else 0.0, self.renormalize)
+
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        return route_tokens(x_TD, self.wg.weight, self.top_k, self.noise_std if self.training else 0.0,
-                            self.renormalize)
+        fn, args = self.routing_call(self.training)
+        return fn(x_TD, *args)
 
 
 def route_tokens(x_TD: torch.Tensor, w_ED: torch.Tensor, top_k: int, noise_std: float, renormalize: bool) -> Routing:
@@ -101,20 +106,23 @@ class SigmoidTopKRouter(nn.Module):
     """sigma-MoE's router: LayerNorm on the router input (affine, its own parameters), a bias-free linear map,
     sigmoid gates, top-k by gate, weights not renormalised.
 
-    Init (MoEUT, DESIGN 5.6): W ~ N(0, init_std), then every row rescaled to the same norm init_std * sqrt(D)
-    (the expected norm of such a row), so that no expert starts with a systematically larger logit. The weight
-    is named `wg` (DeepSpeed's key layout, as SoftmaxTopKRouter); the norm is `norm`."""
+    Init (MoEUT, DESIGN 5.6): row_normalised_normal_. The weight is named `wg` (DeepSpeed's key layout, as
+    SoftmaxTopKRouter); the norm is `norm`."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, init_std: float = 0.02):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
-        self.noise_std, self.renormalize = 0.0, False  # read by MoE.forward; fixed for this kind
         self.norm = nn.LayerNorm(hidden_size)
         self.wg = nn.Linear(hidden_size, num_experts, bias=False)
         row_normalised_normal_(self.wg.weight, init_std)
 
+    def routing_call(self, training: bool) -> tuple:
+        """(function, its arguments after x_TD), as SoftmaxTopKRouter.routing_call."""
+        return route_sigmoid, (self.wg.weight, self.top_k, self.norm.weight, self.norm.bias, self.norm.eps)
+
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        return route_sigmoid(x_TD, self.wg.weight, self.top_k, self.norm.weight, self.norm.bias, self.norm.eps)
+        fn, args = self.routing_call(self.training)
+        return fn(x_TD, *args)
 
 
 def route_sigmoid(x_TD: torch.Tensor, w_ED: torch.Tensor, top_k: int, norm_w_D: torch.Tensor | None,
@@ -126,7 +134,13 @@ def route_sigmoid(x_TD: torch.Tensor, w_ED: torch.Tensor, top_k: int, norm_w_D: 
     whose per-sequence mean the entropy regulariser spreads out."""
     h_TD = F.layer_norm(x_TD.float(), (x_TD.shape[-1],), None if norm_w_D is None else norm_w_D.float(),
                         None if norm_b_D is None else norm_b_D.float(), eps)
-    logits_TE = F.linear(h_TD, w_ED.float())
+    return sigmoid_topk(F.linear(h_TD, w_ED.float()), top_k)
+
+
+def sigmoid_topk(logits_TE: torch.Tensor, top_k: int) -> Routing:
+    """The sigmoid kind's choice from fp32 logits (sigma-MoE's FFN router; SwitchHead's per-head routers with
+    one row per (token, head)): raw sigmoid gates of the top-k, softmax(logits) for the regulariser and the
+    statistics, the balance value as a detached statistic, the z-loss with its gradient."""
     # sigmoid is monotone: top-k of the gates is top-k of the logits, taken on the gates to keep the values.
     weights_TK, expert_ids_TK = torch.topk(torch.sigmoid(logits_TE), top_k, dim=-1)
     probs_TE = torch.softmax(logits_TE, dim=-1)
@@ -163,6 +177,6 @@ def widenet_noise_std(num_experts: int) -> float:
     return 1.0 / num_experts
 
 
-__all__ = ["Routing", "SoftmaxTopKRouter", "SigmoidTopKRouter", "route_tokens", "route_sigmoid", "sequence_prob_sums",
+__all__ = ["Routing", "SoftmaxTopKRouter", "SigmoidTopKRouter", "route_tokens", "route_sigmoid", "sigmoid_topk", "sequence_prob_sums",
            "sequence_entropy_loss", "row_normalised_normal_", "balance_loss", "z_loss", "router_entropy",
            "widenet_noise_std"]

@@ -4,14 +4,19 @@ beside "the obvious build" (the same model with DeepSpeed's stock MoE in the MLP
     python benchmarks/train_step.py           # GPU: 24 x 1024, 16 heads, seq 2048, micro-batch 8, bf16
     python benchmarks/train_step.py --cpu     # these 2-core machines: 4 x 256, seq 256, micro-batch 2, fp32
     python benchmarks/train_step.py --groups moeut   # only MoEUT-244M beside its dense baseline (16 x 1024)
+    python benchmarks/train_step.py --groups umoe    # only umoe_small beside its FFN-MoE and dense baselines
 
 Models (DESIGN section 7, issue 4): dense megatron-core GPT; WideNet E 8, k 2 (one attention and one MoE shared
 by every block, expert width 4 d); fine-grained E 64, k 8, d_expert = d / 2 (G 8: the dense model's active
 FLOPs); MoEUT-244M (issue 5) beside its dense baseline of equal parameters (moeut_dense_244m), 16 x 1024 tokens
-per step. MoE layers are dropless for ours and capacity 1.25 for the stock layer (it has no dropless top-k path
+per step; umoe_small (issue 7) beside its FFN-MoE baseline (umoe_small_ffn) and its dense baseline
+(umoe_small_dense), 8 x 1024 tokens per step, vocabulary 32000 (CPU: umoe_smoke and its two baselines at the smoke
+shape). MoE layers are dropless for ours and capacity 1.25 for the stock layer (it has no dropless top-k path
 that avoids its [tokens, experts, capacity] tensors). Tokens/s is the median over --iters steps after
---warmup; MFU = (6 * N_active * tokens + 12 * layers * d * seq * tokens) / (step time * peak), DESIGN 7,
-with --peak-tflops (H100 bf16 dense: 989) and shown on GPU only.
+--warmup; MFU = training FLOPs / (step time * peak) with the training FLOPs per token of
+wider.models.training_flops_per_token (6 * N_active plus the attention products, 12 * layers * heads * d_head * seq
+for ordinary attention: DESIGN 7; UMoE's pre-mixing heads count their D-wide values), with --peak-tflops (H100 bf16
+dense: 989) and shown on GPU only.
 """
 
 from __future__ import annotations
@@ -48,8 +53,8 @@ class StockMoEMLP(torch.nn.Module):
 
 
 def build(kind: str, obvious: bool, cfg, vocab: int, bf16: bool):
-    """(model, N_active)."""
-    from wider.models import ARCHITECTURES
+    """(model, training FLOPs per token)."""
+    from wider.models import ARCHITECTURES, training_flops_per_token
     from wider.moe.settings import MoESettings
 
     m = cfg.model
@@ -68,7 +73,7 @@ def build(kind: str, obvious: bool, cfg, vocab: int, bf16: bool):
             for layer in model.decoder.layers:
                 if isinstance(layer.mlp, MoEMLP):
                     layer.mlp = stock()
-    return model, count.active
+    return model, training_flops_per_token(cfg, count)
 
 
 def configs(cpu: bool):
@@ -89,10 +94,23 @@ def configs(cpu: bool):
     # measurement of the official code (CPU: the smoke sizes).
     moeut, moeut_dense = (("moeut_smoke", "gpt_smoke") if cpu else ("moeut_244m", "moeut_dense_244m"))
     mb_ut = 2 if cpu else 16
+    # umoe_small beside the paper's FFN-MoE and dense baselines (CPU: the smoke shape in the three modes).
+    if cpu:
+        um = presets.get("umoe_smoke")
+        um_ffn = presets.replace(um, model=dict(umoe_mode="ffn", head_dim=None))
+        um_dense = presets.replace(presets.get("gpt_smoke"), model=dict(
+            num_layers=um.model.num_layers, hidden_size=um.model.hidden_size, num_attention_heads=4, activation="silu",
+            normalization="RMSNorm", add_bias_linear=False, tie_embeddings=False))
+    else:
+        um, um_ffn, um_dense = (presets.get(n) for n in ("umoe_small", "umoe_small_ffn", "umoe_small_dense"))
+    mb_um = 2 if cpu else 8
     return [("gpt", "dense GPT", "gpt", dense, None), ("gpt", "WideNet E8 k2", "widenet", wide, None),
             ("gpt", "fine-grained E64 k8", "gpt_moe", fine, None),
             ("moeut", moeut_dense, "gpt", presets.get(moeut_dense), mb_ut),
-            ("moeut", moeut, "moeut", presets.get(moeut), mb_ut)]
+            ("moeut", moeut, "moeut", presets.get(moeut), mb_ut),
+            ("umoe", "umoe dense baseline", "gpt", um_dense, mb_um),
+            ("umoe", "umoe FFN-MoE baseline", "umoe", um_ffn, mb_um),
+            ("umoe", "UMoE (shared experts)", "umoe", um, mb_um)]
 
 
 def main(argv=None) -> int:
@@ -102,9 +120,10 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="Timed steps (default 10 GPU, 3 CPU).")
     ap.add_argument("--warmup", type=int, default=None, help="Untimed steps first (default 3 GPU, 1 CPU).")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="Dense bf16 peak for MFU (H100: 989).")
-    ap.add_argument("--groups", nargs="+", default=["gpt", "moeut"],
-                    help="Which comparisons: gpt (dense / WideNet / fine-grained at 24 x 1024) and moeut "
-                         "(MoEUT-244M beside its dense baseline). Default both.")
+    ap.add_argument("--groups", nargs="+", default=["gpt", "moeut", "umoe"], choices=["gpt", "moeut", "umoe"],
+                    help="Which comparisons: gpt (dense / WideNet / fine-grained at 24 x 1024), moeut "
+                         "(MoEUT-244M beside its dense baseline) and umoe (umoe_small beside its FFN-MoE and dense "
+                         "baselines). Default all three.")
     args = ap.parse_args(argv)
     device = start(args.cpu)
     cuda = bf16 = device.type == "cuda"
@@ -126,14 +145,15 @@ def main(argv=None) -> int:
         mb_run = mb_cfg or mb
         for obvious in ([False, True] if kind in ("widenet", "gpt_moe") else [False]):
             parallel.set_seed(1)
+            vocab = m.vocab_size or 8000
             try:
-                model, active = build(kind, obvious, cfg, 8000, bf16)
+                model, flops_per_token = build(kind, obvious, cfg, vocab, bf16)
             except Exception as e:
                 print(f"{label:<22} {'stock DeepSpeed MoE' if obvious else 'wider':<20} n/a  {type(e).__name__}: {e}")
                 continue
             model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=cuda)
-            tokens = torch.randint(0, 8000, (mb_run, m.seq_length), device=device)
+            tokens = torch.randint(0, vocab, (mb_run, m.seq_length), device=device)
             pos = torch.arange(m.seq_length, device=device).expand(mb_run, -1)
             times = []
             if cuda:
@@ -156,7 +176,7 @@ def main(argv=None) -> int:
                     times.append(time.perf_counter() - t0)
             step = statistics.median(times)
             ntok = mb_run * m.seq_length
-            flops = 6 * active * ntok + 12 * m.num_layers * m.hidden_size * m.seq_length * ntok
+            flops = flops_per_token * ntok
             mfu = f"{flops / step / (args.peak_tflops * 1e12):.3f}" if cuda else "-"
             if kind == "gpt":
                 dense_ms[group] = step

@@ -5,7 +5,8 @@ start-up. Each patch module states why it exists, the versions it targets, and w
 in tests/test_patches.py fails when upstream changes in a way that makes the patch stale.
 
     import patches
-    patches.apply("rope_cpu", "cpu_rng_tracker", "nonreentrant_recompute")   # or patches.apply_defaults()
+    patches.apply("rope_cpu", "cpu_rng_tracker", "nonreentrant_recompute", "kv_cache_cpu")
+    patches.apply_defaults()   # the same
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import version
 
-AVAILABLE = ("rope_cpu", "cpu_rng_tracker", "nonreentrant_recompute")
+AVAILABLE = ("rope_cpu", "cpu_rng_tracker", "nonreentrant_recompute", "kv_cache_cpu")
 DEFAULT = AVAILABLE  # what the recipes apply
 _applied: set[str] = set()
 

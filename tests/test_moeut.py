@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, explain, run_recipe, train_losses
+from conftest import TINY, assert_ep2_equals_ep1
 from wider.moe import stats
 from wider.moe.settings import MoESettings, MoESettingsError
 
@@ -124,7 +124,7 @@ def test_sigma_moe_single_call_aux_and_router_init(single_rank):
 def test_router_kind_errors_and_entropy_keys():
     from wider.moe.layer import MoE
 
-    with pytest.raises(ValueError, match="router 'sigma' is not a router kind; use 'softmax' or 'sigmoid'"):
+    with pytest.raises(ValueError, match="router 'sigma' is not a router kind; use 'softmax', 'sigmoid' or 'none'"):
         MoE(D, E, K, F, MoESettings(), router="sigma")
     with pytest.raises(ValueError, match="takes no noise and no renormalisation"):
         MoE(D, E, K, F, MoESettings(), router="sigmoid", renormalize=True)
@@ -141,12 +141,19 @@ def test_router_kind_errors_and_entropy_keys():
 H = 3
 
 
+def _megatron_config(hidden: int = D, heads: int = H):
+    from wider.config import ModelConfig
+    from wider.models.gpt import transformer_config
+
+    return transformer_config(ModelConfig(num_layers=2, hidden_size=hidden, num_attention_heads=heads))
+
+
 def _switchhead(E_att: int, K_att: int, rope_dims: int = 2, weight: float = 0.3, C: int = 8, **kw):
     from wider.models.switchhead import SwitchHeadAttention
 
     torch.manual_seed(2)
-    return SwitchHeadAttention(D, H, C, E_att, K_att, rope_dims=rope_dims, rotary_base=100.0, init_std=0.4,
-                               output_std=0.4, entropy_weight=weight, **kw)
+    return SwitchHeadAttention(_megatron_config(), D, H, C, E_att, K_att, rope_dims=rope_dims, rotary_base=100.0,
+                               init_std=0.4, output_std=0.4, entropy_weight=weight, **kw)
 
 
 def _attention_reference(x, z, p: dict, E_att: int, K_att: int, rope_dims: int, weight: float, C: int):
@@ -200,7 +207,7 @@ def _attention_reference(x, z, p: dict, E_att: int, K_att: int, rope_dims: int, 
 
 
 @pytest.mark.parametrize("E_att,K_att,C", [(4, 2, 8), (1, 1, 6)])
-def test_switchhead_equals_float64_loop_reference(E_att, K_att, C):
+def test_switchhead_equals_float64_loop_reference(single_rank, E_att, K_att, C):
     """Outputs, gradients of x, of the normed input z and of every parameter, and the V and O regularisers; the
     (1, 1) case is ordinary attention with sigmoid gates on the values and the output. C 8: the projections run
     as grouped GEMMs; C 6 (rows not 16-byte aligned): the per-expert loop."""
@@ -213,9 +220,10 @@ def test_switchhead_equals_float64_loop_reference(E_att, K_att, C):
     aux, records = stats.take(att)
     ((out * g).sum() + aux).backward()
 
-    names = {"q": att.q_XD, "k": att.k_XD, "v": att.v_NDC, "o": att.o_NCD, "sel_v": att.sel_v_ND,
+    names = {"qk": att.linear_qk.weight, "v": att.v_NDC, "o": att.o_NCD, "sel_v": att.sel_v_ND,
              "sel_o": att.sel_o_ND}
     p = {n: t.detach().double().clone().requires_grad_() for n, t in names.items()}
+    p["q"], p["k"] = p["qk"][:H * C], p["qk"][H * C:]  # one fused megatron ColumnParallelLinear [W_Q | W_K]
     x64, z64 = x.double().requires_grad_(), z.double().requires_grad_()
     ref, ref_reg = _attention_reference(x64, z64, p, E_att, K_att, 2, 0.3, C)
     ((ref * g.double()).sum() + ref_reg).backward()
@@ -230,7 +238,7 @@ def test_switchhead_equals_float64_loop_reference(E_att, K_att, C):
         torch.testing.assert_close(t.grad.double(), p[n].grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
-def test_switchhead_is_causal_and_checks_its_arguments():
+def test_switchhead_is_causal_and_checks_its_arguments(single_rank):
     from wider.models.switchhead import SwitchHeadAttention, default_rope_dims
 
     att = _switchhead(4, 2, rope_dims=4)
@@ -244,9 +252,9 @@ def test_switchhead_is_causal_and_checks_its_arguments():
     assert not torch.allclose(after[3:], before[3:])
     assert [default_rope_dims(c) for c in (82, 96, 128)] == [40, 48, 64]
     with pytest.raises(ValueError, match="rope_dims 3 must be an even count"):
-        SwitchHeadAttention(D, H, 8, 4, 2, rope_dims=3)
+        SwitchHeadAttention(_megatron_config(), D, H, 8, 4, 2, rope_dims=3)
     with pytest.raises(ValueError, match="top_k 3 exceeds the 2 experts per head"):
-        SwitchHeadAttention(D, H, 8, 2, 3)
+        SwitchHeadAttention(_megatron_config(), D, H, 8, 2, 3)
 
 
 # --- The moeut architecture ---
@@ -298,23 +306,46 @@ def test_smoke_count_equals_the_built_model_and_trains_a_step(single_rank):
     stats.clear(model)
     loss = model(tokens, None, None, labels=tokens).mean()
     aux, records = stats.take(model)
-    # Two distinct layers called twice each: FFN records under each layer's label, attention under .v / .o.
+    # Two distinct layers applied twice each (A B A B): one record per application (depth), the attention's under
+    # .v / .o; A runs at depths 1 and 3, B at 2 and 4.
     labels = [label for label, _ in records]
-    assert labels.count("group0.ffn") == 2 and labels.count("group1.attention.o") == 2
+    assert sorted(labels) == sorted(f"layer{d:02d}.{kind}" for d in range(1, 5)
+                                    for kind in ("attention.v", "attention.o", "ffn"))
     (loss + aux).backward()
     assert all(p.grad is not None for p in model.parameters())
     assert float(aux) < 0  # minus entropies
     window = stats.Window()
     window.add(records)
     summaries = window.reduce()
-    assert set(summaries) == {"group0.ffn", "group1.ffn", "group0.attention.v", "group0.attention.o",
-                              "group1.attention.v", "group1.attention.o"}
-    assert 0 < summaries["group0.ffn"].sequence_entropy <= math.log(cfg.model.num_experts) + 1e-6
-    assert 0 < summaries["group1.attention.o"].sequence_entropy <= math.log(cfg.model.attention_experts) + 1e-6
+    assert set(summaries) == {f"layer{d:02d}.{kind}" for d in range(1, 5) for kind in ("ffn", "attention.v", "attention.o")}
+    assert 0 < summaries["layer01.ffn"].sequence_entropy <= math.log(cfg.model.num_experts) + 1e-6
+    assert 0 < summaries["layer04.attention.o"].sequence_entropy <= math.log(cfg.model.attention_experts) + 1e-6
+
+
+def test_recompute_full_gives_the_same_loss_aux_and_gradients(single_rank):
+    """--recompute full checkpoints every layer application (non-reentrant): the repeated layers' shared parameters
+    and the entropy regulariser pooled over the repeats get exactly the gradients of the plain run."""
+    from wider.models import ARCHITECTURES
+
+    def run(recompute: str):
+        cfg = _smoke(recompute=recompute)
+        torch.manual_seed(0)
+        model = ARCHITECTURES["moeut"].build(cfg, 1000, False, MoESettings(capacity_factor=None))
+        tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(5))
+        stats.clear(model)
+        loss = model(tokens, None, None, labels=tokens).mean()
+        aux, _ = stats.take(model)
+        (loss + aux).backward()
+        return float(loss), float(aux), {n: p.grad for n, p in model.named_parameters()}
+
+    plain, recomputed = run("none"), run("full")
+    assert plain[:2] == recomputed[:2]
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(recomputed[2][name], grad, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("name", list(PAPER))
-def test_preset_counts_match_the_paper_and_the_meta_built_model(name):
+def test_preset_counts_match_the_paper_and_the_meta_built_model(single_rank, name):
     """vocabulary 8000, untied embeddings; the model is built on the meta device (no memory)."""
     from wider import presets
     from wider.models import ARCHITECTURES
@@ -367,23 +398,8 @@ def test_ep2_equals_ep1_on_two_ranks(data_args, tmp_path):
     """moe.ep_size 2 splits each FFN's 8 experts over the two ranks (all-to-all dispatch) and gives the losses of
     ep_size 1 on the same two ranks and data. SwitchHead's attention experts are data-parallel at every ep_size
     (wider.models.switchhead), so this also checks that they keep the dense all-reduce beside the expert one."""
-    def run(name, *extra):
-        p = run_recipe([*EP_ARGS, *data_args, "--run-dir", str(tmp_path / name), *extra], ranks=2,
-                       recipe="recipes/pretrain_moeut.py")
-        assert p.returncode == 0, explain(p)
-        return train_losses(tmp_path / name), p.stdout
-
-    ep1, _ = run("ep1")
-    ep2, out = run("ep2", "--ds-set", "moe.ep_size=2")
-    assert "ep_size 2" in out
-    assert sorted(ep1) == sorted(ep2) == list(range(1, EP_STEPS + 1))
-    for step in ep1:
-        assert abs(ep1[step] - ep2[step]) <= 1e-5 * max(1.0, abs(ep1[step])), (step, ep1[step], ep2[step])
-    assert ep1[EP_STEPS] < ep1[1]  # it trains
-    # Each distinct layer's FFN experts are checkpointed one file per expert, from the rank that holds them.
-    ckpt = tmp_path / "ep2" / "checkpoints" / f"step_{EP_STEPS:08d}"
-    assert sorted(p.name for p in ckpt.glob("layer_*_expert_*_model_states.pt")) == sorted(
-        f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(8))
+    files = [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(8)]
+    assert_ep2_equals_ep1([*EP_ARGS, *data_args], "recipes/pretrain_moeut.py", tmp_path, files, EP_STEPS)
 
 
 # --- bf16 ---
@@ -402,20 +418,22 @@ def test_bf16_is_within_a_percent_of_fp32_when_routing_agrees(single_rank, kind)
     arbitrary fp32 weights instead, about 3% of the tokens flip one near-tied choice among their top-k and the
     outputs then differ by 4-7% (measured at the 44M and 244M shapes, benchmarks/RESULTS.md): routing flips, not a
     precision bug."""
-    import copy
-
     from wider.models.switchhead import SwitchHeadAttention
     from wider.moe.layer import MoE
 
-    torch.manual_seed(0)
     Dm, Sq, Bs = 64, 32, 4
-    if kind == "sigma_moe":
-        fp32 = MoE(Dm, 16, 4, 32, MoESettings(capacity_factor=None, eval_capacity_factor=None), activation="relu",
-                   router="sigmoid", init_std=0.1, output_std=0.05)
-    else:
-        fp32 = SwitchHeadAttention(Dm, 4, 16, 4, 2, init_std=0.1, output_std=0.05)
-    fp32 = _bf16_representable_(fp32).eval()
-    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+
+    def make():  # the same weights twice (megatron modules hold process groups, which deepcopy cannot copy)
+        torch.manual_seed(0)
+        if kind == "sigma_moe":
+            module = MoE(Dm, 16, 4, 32, MoESettings(capacity_factor=None, eval_capacity_factor=None),
+                         activation="relu", router="sigmoid", init_std=0.1, output_std=0.05)
+        else:
+            module = SwitchHeadAttention(_megatron_config(Dm, 4), Dm, 4, 16, 4, 2, init_std=0.1, output_std=0.05)
+        return _bf16_representable_(module).eval()
+
+    fp32, bf16 = make(), make().to(torch.bfloat16)
+    torch.manual_seed(1)
     x_SBD = torch.randn(Sq, Bs, Dm).to(torch.bfloat16)
 
     def run(module, x):

@@ -143,3 +143,26 @@ def test_nonreentrant_recompute_gives_same_grads_and_fires_shared_hooks_once():
     assert n0 == n1 == 1
     with pytest.raises(ValueError, match="distribute_saved_activations"):
         tensor_parallel.checkpoint(block, True, x)
+
+
+@needs_cpu_only
+def test_kv_cache_patch_still_needed():
+    p = _upstream("""
+        import types, torch
+        from megatron.core.transformer.attention import Attention
+        Attention._allocate_memory(types.SimpleNamespace(num_query_groups_per_partition=2), 8, 1, 4, torch.float32)
+    """)
+    assert p.returncode != 0 and "CUDA" in p.stderr, \
+        "upstream allocates the inference KV cache without CUDA now: delete patches/kv_cache_cpu.py"
+
+
+def test_kv_cache_patch_allocates_upstreams_buffer_on_the_modules_device():
+    import patches
+
+    patches.apply("kv_cache_cpu")
+    from megatron.core.transformer.attention import Attention
+
+    holder = torch.nn.Linear(2, 2).to(torch.float64)  # stands for the attention's parameters
+    holder.num_query_groups_per_partition = 3
+    buf = Attention._allocate_memory(holder, 16, 2, 8, torch.bfloat16)
+    assert buf.shape == (16, 2, 3, 8) and buf.dtype == torch.bfloat16 and buf.device == holder.weight.device

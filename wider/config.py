@@ -37,7 +37,8 @@ class ModelConfig:
     arch: str = _f("gpt", "Model builder, one of wider.models.ARCHITECTURES: 'gpt' (dense), 'gpt_moe' "
                           "(Switch / GLaM: MoE in every or every other layer), 'widenet' (one attention and "
                           "one MoE shared by every block, per-block LayerNorms), 'moeut' (MoEUT: sigma-MoE FFN, "
-                          "SwitchHead attention, layer groups, peri-LayerNorm).")
+                          "SwitchHead attention, layer groups, peri-LayerNorm), 'umoe' (UMoE: pre-mixing attention whose "
+                          "experts are shared with the FFN; umoe_mode picks the paper's ablations).")
     num_layers: int = _f(2, "Number of transformer blocks.")
     hidden_size: int = _f(128, "Model width d_model.")
     num_attention_heads: int = _f(4, "Attention heads; must divide hidden_size and be divisible by the "
@@ -55,8 +56,8 @@ class ModelConfig:
     rotary_base: int = _f(10000, "RoPE base frequency.")
     tie_embeddings: bool = _f(False, "Share the input embedding and the output layer weights.")
     add_bias_linear: bool = _f(True, "Biases in the attention and FFN linear layers.")
-    activation: str = _f("gelu", "FFN activation: 'gelu', 'relu' or 'swiglu' (gated: 1.5x FFN weights "
-                                 "at the same ffn_hidden_size).")
+    activation: str = _f("gelu", "FFN activation: 'gelu', 'relu', 'silu' (not gated; UMoE's experts) or 'swiglu' "
+                                 "(gated: 1.5x FFN weights at the same ffn_hidden_size).")
     hidden_dropout: float = _f(0.0, "Dropout on the residual branches, in [0, 1); 0 = off.")
     attention_dropout: float = _f(0.0, "Dropout on attention probabilities, in [0, 1); 0 = off.")
     init_method_std: float = _f(0.02, "Std of the normal weight initialisation (output projections are "
@@ -83,9 +84,23 @@ class ModelConfig:
                                   "weights (a Universal Transformer).")
     attention_experts: int = _f(0, "moeut: SwitchHead V and O experts per head; 1 = dense attention with sigmoid "
                                    "value and output gates.")
-    attention_top_k: int = _f(2, "moeut: SwitchHead experts each token uses per head, for V and for O.")
+    attention_top_k: int = _f(2, "moeut: SwitchHead experts each token uses per head, for V and for O. umoe: experts "
+                                 "each token's pre-mixing attention uses (one mixed token, i.e. one attention head, "
+                                 "per expert; UMoE: 3).")
     head_dim: Optional[int] = _f(None, "moeut: channels per attention head (MoEUT's d_head, not tied to "
-                                       "hidden_size / heads); None = hidden_size / num_attention_heads.")
+                                       "hidden_size / heads). umoe: the query / key width d_qk of pre-mixing "
+                                       "attention. None = hidden_size / num_attention_heads. Other archs: must be None "
+                                       "or hidden_size / num_attention_heads.")
+    umoe_mode: str = _f("shared", "umoe: 'shared' (pre-mixing attention MoE and FFN MoE call ONE expert bank per "
+                                  "layer, each with its own router: UMoE), 'separate' (the same two MoE sublayers with "
+                                  "a bank each: sharing switched off), 'attention' (pre-mixing attention MoE and a "
+                                  "dense FFN of ffn_hidden_size: UMoE-Att) or 'ffn' (ordinary attention and an FFN MoE: "
+                                  "the FFN-MoE baseline).")
+    query_rank: int = _f(16, "umoe: rank R of each expert's own query q_i = z W_res + B_i RMSNorm(A_i z) (UMoE: 16 for "
+                             "the small model, 36 for 1B).")
+    shared_experts: int = _f(0, "umoe: always-on shared experts of moe_ffn_hidden_size each, per MoE sublayer (the "
+                                "attention's with its own query; the FFN's its own weights), fused into one FFN of "
+                                "shared_experts * moe_ffn_hidden_size; 0 = none. UMoE: 1.")
     rope_dims: Optional[int] = _f(None, "moeut: RoPE channels per head, an even count (the rest attend by content "
                                         "only); None = half of head_dim rounded down to even (MoEUT rotates "
                                         "half).")
@@ -260,17 +275,16 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
          f"model.normalization {m.normalization!r} is invalid; use 'LayerNorm' or 'RMSNorm'")
     _req(m.position_embedding in ("rope", "learned_absolute"),
          f"model.position_embedding {m.position_embedding!r} is invalid; use 'rope' or 'learned_absolute'")
-    _req(m.activation in ("gelu", "relu", "swiglu"),
-         f"model.activation {m.activation!r} is invalid; use 'gelu', 'relu' or 'swiglu'")
+    _req(m.activation in ("gelu", "relu", "silu", "swiglu"),
+         f"model.activation {m.activation!r} is invalid; use 'gelu', 'relu', 'silu' or 'swiglu'")
     _req(m.recompute in ("none", "full"), f"model.recompute {m.recompute!r} is invalid; use 'none' or 'full'")
     for name in ("hidden_dropout", "attention_dropout"):
         v = getattr(m, name)
         _req(0.0 <= v < 1.0, f"model.{name} must be in [0, 1), got {v!r}")
     _req(m.init_method_std > 0, f"model.init_method_std must be positive, got {m.init_method_std!r}")
     if m.position_embedding == "rope" and m.arch != "moeut":  # moeut checks its own partial RoPE (rope_dims)
-        _req((m.hidden_size // m.num_attention_heads) % 2 == 0,
-             f"model: RoPE needs an even head dimension, got hidden_size/heads = "
-             f"{m.hidden_size // m.num_attention_heads}")
+        head = m.head_dim or m.hidden_size // m.num_attention_heads
+        _req(head % 2 == 0, f"model: RoPE needs an even head dimension, got {head} (head_dim, or hidden_size/heads)")
 
     _req(isinstance(d.data_path, list) and len(d.data_path) > 0,
          "data.data_path is empty; give at least one indexed-dataset prefix")

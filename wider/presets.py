@@ -331,3 +331,114 @@ def moeut_dense_126m() -> RunConfig:
 def moeut_dense_244m() -> RunConfig:
     """Dense baseline of moeut_244m: GPT 18 x 1024, 16 heads x 64, FFN 4096 (242.95M)."""
     return _moeut_dense(1024, 18, 16, 4096, moeut_244m)
+
+
+# --- UMoE (DESIGN 5.7; Yang et al. 2025): pre-mixing attention whose experts are the FFN's, RMSNorm, pre-norm, SiLU
+# experts without biases, one shared expert per MoE sublayer, softmax routers without renormalisation, dropless, the
+# sequence-level balance loss 0.001 on every router. Shapes and training recipe from the official configurations
+# (github.com/ysngki/UMoE model_libs/configs, train.py): AdamW beta2 0.95, wd 0.01, lr 4e-4, cosine, 5% warmup,
+# sequence 1024, 1024 sequences per step, untied embeddings, a 32000-token vocabulary (the LLaMA-2 tokenizer's size). ---
+
+UMOE_MOE = ["moe.capacity_factor=null", "moe.eval_capacity_factor=null", "moe.aux_loss_weight=0.001",
+            "moe.aux_loss_scope=sequence", "moe.z_loss_weight=0.0"]
+
+
+@preset
+def umoe_smoke() -> RunConfig:
+    """UMoE 4 layers x 128: 16 experts x 64 shared by pre-mixing attention (top-2, d_qk 32) and FFN (top-4): CPU."""
+    cfg = gpt_smoke()
+    return replace(
+        cfg,
+        model=dict(arch="umoe", umoe_mode="shared", num_layers=4, hidden_size=128, num_attention_heads=4, head_dim=32,
+                   num_experts=16, moe_ffn_hidden_size=64, moe_top_k=4, attention_top_k=2, query_rank=8,
+                   shared_experts=1, normalization="RMSNorm", activation="silu", add_bias_linear=False,
+                   tie_embeddings=False, router_noise="none", router_renormalize=False),
+        train=dict(ds_config="auto", ds_set=list(UMOE_MOE), weight_decay=0.01, train_iters=120, warmup_iters=6,
+                   eval_interval=0),
+    )
+
+
+def _umoe(d: int, layers: int, experts: int, width: int, att_k: int, ffn_k: int, rank: int, d_qk: int,
+          dense_ffn: int, mode: str, steps: int = 50000) -> RunConfig:
+    """The official configurations' shapes and training recipe. 4 heads for the ordinary attention of the 'ffn'
+    baseline (d / 4 = d_qk, as the official GPT / FFN-MoE configs have it). train_iters 50000 x 1M tokens is the
+    official README's run."""
+    cfg = umoe_smoke()
+    return replace(
+        cfg,
+        model=dict(umoe_mode=mode, num_layers=layers, hidden_size=d, num_attention_heads=4,
+                   head_dim=d_qk if mode != "ffn" else None, num_experts=experts, moe_ffn_hidden_size=width,
+                   moe_top_k=ffn_k, attention_top_k=att_k, query_rank=rank, ffn_hidden_size=dense_ffn,
+                   seq_length=1024, vocab_size=32000),
+        train=dict(micro_batch_size=8, global_batch_size=1024, train_iters=steps, lr=4e-4, min_lr=0.0,
+                   warmup_iters=steps // 20, lr_decay_style="cosine", adam_beta2=0.95, weight_decay=0.01,
+                   clip_grad=1.0, eval_interval=1000, eval_iters=10, log_interval=10, save_interval=1000,
+                   ds_config="ds_configs/moe_zero1_bf16.json"),
+    )
+
+
+@preset
+def umoe_small() -> RunConfig:
+    """UMoE small: 12 layers x 768, 128 experts x 192 shared by attention (top-3, d_qk 192, rank 16) and FFN (top-15)."""
+    return _umoe(768, 12, 128, 192, 3, 15, 16, 192, 3072, "shared")
+
+
+@preset
+def umoe_small_separate() -> RunConfig:
+    """umoe_small with sharing switched off: attention and FFN each have their own 128 experts (one more bank)."""
+    return replace(umoe_small(), model=dict(umoe_mode="separate"))
+
+
+@preset
+def umoe_small_att() -> RunConfig:
+    """UMoE-Att baseline (small): pre-mixing attention MoE (116 experts, top-3) and a dense FFN of 3072."""
+    return replace(umoe_small(), model=dict(umoe_mode="attention", num_experts=116))
+
+
+@preset
+def umoe_small_ffn() -> RunConfig:
+    """FFN-MoE baseline (small): ordinary attention (4 heads x 192) and an FFN MoE of 128 experts x 192, top-15."""
+    return replace(umoe_small(), model=dict(umoe_mode="ffn", head_dim=None))
+
+
+@preset
+def umoe_1b() -> RunConfig:
+    """UMoE 1B (active): 24 layers x 2048, 64 experts x 512 shared by attention (top-3, d_qk 512, rank 36) and FFN (top-10)."""
+    return _umoe(2048, 24, 64, 512, 3, 10, 36, 512, 5632, "shared")
+
+
+@preset
+def umoe_1b_att() -> RunConfig:
+    """UMoE-Att baseline (1B): pre-mixing attention MoE (57 experts x 512, top-3) and a dense FFN of 5632."""
+    return replace(umoe_1b(), model=dict(umoe_mode="attention", num_experts=57))
+
+
+@preset
+def umoe_1b_ffn() -> RunConfig:
+    """FFN-MoE baseline (1B): ordinary attention (4 heads x 512) and an FFN MoE of 64 experts x 512, top-10."""
+    return replace(umoe_1b(), model=dict(umoe_mode="ffn", head_dim=None))
+
+
+def _umoe_dense(like: Callable[[], RunConfig]) -> RunConfig:
+    """The official GPT baseline: the UMoE preset's shape with ordinary attention (4 heads) and a dense SiLU FFN of
+    ffn_hidden_size, trained with the same recipe (a dense ZeRO-1 bf16 config: no experts)."""
+    moe = like()
+    m = moe.model
+    dense = replace(gpt_smoke(), model=dict(
+        arch="gpt", num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=4,
+        ffn_hidden_size=m.ffn_hidden_size, activation="silu", normalization="RMSNorm", add_bias_linear=False,
+        tie_embeddings=False, seq_length=m.seq_length, vocab_size=m.vocab_size))
+    return dataclasses.replace(moe, model=dense.model, train=dataclasses.replace(
+        moe.train, ds_config="ds_configs/zero1_bf16.json", ds_set=[]))
+
+
+@preset
+def umoe_small_dense() -> RunConfig:
+    """Dense GPT baseline of umoe_small: 12 x 768, 4 heads x 192, SiLU FFN 3072, RMSNorm, UMoE's recipe."""
+    return _umoe_dense(umoe_small)
+
+
+@preset
+def umoe_1b_dense() -> RunConfig:
+    """Dense GPT baseline of umoe_1b: 24 x 2048, 4 heads x 512, SiLU FFN 5632, RMSNorm, UMoE's recipe."""
+    return _umoe_dense(umoe_1b)

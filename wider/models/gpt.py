@@ -5,6 +5,13 @@ out, pre-LN, megatron's norm slot: apex when installed, torch otherwise); the co
 `SDPAttention` so that the model runs on CPU and uses flash kernels on GPU. Everything else is upstream.
 
 The dense model is the baseline every MoE result in this repository is measured against.
+
+Incremental decoding (wider.generation): `incremental_forward(model, batch_size, max_length)` gives a
+step function with a key/value cache. For megatron-core GPTModels (gpt, gpt_moe, widenet) it is megatron's
+own static inference path (`MegatronIncremental`: StaticInferenceContext, KV buffers inside each
+Attention, RoPE for the new positions taken from the cache offset); on CPU it needs the patch
+`patches/kv_cache_cpu.py` (megatron allocates those buffers on torch.cuda.current_device()). Shape suffixes
+there: B sequences, N new positions, V vocabulary.
 """
 
 from __future__ import annotations
@@ -13,10 +20,9 @@ import dataclasses
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from wider.config import ModelConfig, RunConfig
-from wider.models.attention import SDPAttention
+from wider.models.attention import KVCacheForward, SDPAttention, takes_kv_cache
 
 
 def padded_vocab_size(vocab: int, m: ModelConfig, tp: int) -> int:
@@ -31,13 +37,16 @@ def transformer_config(m: ModelConfig, tp: int = 1, bf16: bool = False):
     (TP=2 starts from exactly the weights of TP=1)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    act = {"gelu": F.gelu, "relu": F.relu, "swiglu": F.silu}[m.activation]
+    from wider.moe.experts import activation_fn
+
+    act = activation_fn(m.activation)
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
         ffn_hidden_size=m.ffn_size,
-        kv_channels=m.hidden_size // m.num_attention_heads,
+        # UMoE's pre-mixing attention sets its query/key width here (RoPE is laid out for kv_channels channels).
+        kv_channels=m.head_dim or m.hidden_size // m.num_attention_heads,
         tensor_model_parallel_size=tp,
         normalization=m.normalization,
         add_bias_linear=m.add_bias_linear,
@@ -90,6 +99,88 @@ def build_gpt(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe=None):
     )
 
 
+class MegatronIncremental:
+    """wider.generation's IncrementalForward on megatron-core 0.16.1's static inference machinery.
+
+    A StaticInferenceContext holds one key and one value buffer [max_length, B, groups, C] per attention,
+    keyed by the attention's layer_number (WideNet's shared attention takes each block's number during the
+    call, wider.models.widenet.SharedAttentionRef). Each call writes the new positions at
+    sequence_len_offset, attends over the buffers (megatron re-applies RoPE to the cached keys with the
+    positions 0 .. offset + N - 1, so the new tokens' positions continue from the cache length) and returns
+    only the last token's logits (materialize_only_last_token_logits). The core attention (SDPAttention)
+    masks bottom-right causally when there are fewer queries than keys."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, max_length: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        if model.training:
+            raise ValueError("incremental decoding needs model.eval(): megatron's inference path is off in "
+                             "training mode (and dropout would differ between steps)")
+        unsupported = sorted({type(a).__name__ for a in _attention_slots(model) if not _handles_inference(a)})
+        if unsupported:
+            raise NotImplementedError(
+                f"{', '.join(unsupported)} in the self-attention slot does not keep a key/value cache under "
+                "megatron's inference context: implement it in its forward(..., inference_context=...) (e.g. with "
+                "wider.models.attention.static_context_extend) and set the class attribute "
+                "`handles_inference_context = True`, or set Architecture.incremental; until then generate with "
+                "--no-cache")
+        self.model, self.batch_size, self.max_length = model, batch_size, max_length
+        self.context = StaticInferenceContext(batch_size, max_length)
+
+    @property
+    def length(self) -> int:
+        return self.context.sequence_len_offset
+
+    def __call__(self, tokens_BN: torch.Tensor) -> torch.Tensor:
+        N = tokens_BN.shape[1]
+        if self.length + N > self.max_length:
+            raise ValueError(f"{self.length} cached + {N} new positions exceed the cache's max_length "
+                             f"{self.max_length}; start a new generation with a larger max_length")
+        if self.length > 0:
+            self.context.enable_decode_mode()  # read only by megatron's flash-decode / CUDA-graph paths
+        positions_BN = torch.arange(self.length, self.length + N, device=tokens_BN.device).expand_as(tokens_BN)
+        # runtime_gather_output: megatron asserts it in inference mode (gathers tensor-parallel logits).
+        logits_B1V = self.model(tokens_BN, positions_BN, None, inference_context=self.context,
+                                runtime_gather_output=True)
+        self.context.increment_sequence_len_offset(N)
+        return logits_B1V[:, -1]
+
+
+def _attention_slots(model: torch.nn.Module) -> list:
+    """The module in each decoder layer's self-attention slot (through WideNet's SharedRefs)."""
+    slots = []
+    for layer in model.decoder.layers:
+        a = getattr(layer, "self_attention", None)
+        slots.append(getattr(a, "module", a) if not isinstance(a, torch.nn.Module) else a)
+    return slots
+
+
+def _handles_inference(attention) -> bool:
+    """megatron's Attention keeps its KV buffers in the static inference context; an IdentityOp slot has no
+    attention; another module must say that it handles the context itself."""
+    from megatron.core.transformer.attention import Attention
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    return isinstance(attention, (Attention, IdentityOp)) or getattr(attention, "handles_inference_context", False)
+
+
+def incremental_forward(model: torch.nn.Module, batch_size: int, max_length: int):
+    """The default Architecture.incremental: a fresh IncrementalForward (wider.generation) for one generation
+    of batch_size sequences of at most max_length positions. megatron-core GPTModels use megatron's static
+    inference context; models whose forward takes `cache=` (wider.models.attention.KVCache) use their own
+    attention's cache. Anything else raises NotImplementedError saying what to implement."""
+    from megatron.core.models.gpt import GPTModel
+
+    if isinstance(model, GPTModel):
+        return MegatronIncremental(model, batch_size, max_length)
+    if takes_kv_cache(model):
+        return KVCacheForward(model, batch_size, max_length)
+    raise NotImplementedError(
+        f"{type(model).__name__} has no key/value cache: give its forward a `cache=None` argument that takes a "
+        "wider.models.attention.KVCache (each attention application reads cache.slot(depth), positions start at "
+        "cache.length) or set Architecture.incremental; until then generate with --no-cache")
+
+
 @dataclasses.dataclass
 class ParamCount:
     """Parameter counts of a model, computed from its config (no weights allocated).
@@ -140,10 +231,21 @@ def count_gpt(cfg: RunConfig, vocab_size: int) -> ParamCount:
     return ParamCount(total=total, embedding=emb, active=total, extra={"padded_vocab": vocab})
 
 
+def validate_head_dim(m: ModelConfig) -> None:
+    """megatron's attention (and our closed-form counts of it) use hidden_size / heads channels per head."""
+    from wider.config import ConfigError
+
+    if m.head_dim is not None and m.head_dim != m.hidden_size // m.num_attention_heads:
+        raise ConfigError(f"model.head_dim {m.head_dim} with arch {m.arch!r}: its attention has hidden_size / heads = "
+                          f"{m.hidden_size // m.num_attention_heads} channels per head; drop --head-dim (it sets MoEUT's "
+                          "d_head and UMoE's d_qk)")
+
+
 def validate_gpt(cfg: RunConfig, world_size: Optional[int]) -> None:
     """The dense model has no experts."""
     from wider.config import ConfigError
 
+    validate_head_dim(cfg.model)
     if cfg.model.num_experts:
         raise ConfigError(f"model.num_experts {cfg.model.num_experts} with arch 'gpt' (dense); use --arch gpt_moe "
                           "or --arch widenet for a model with experts, or --num-experts 0")

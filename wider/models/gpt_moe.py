@@ -25,18 +25,41 @@ from wider.moe.settings import MoESettings
 class MoEMLP(torch.nn.Module):
     """megatron-core MLP slot holding a wider MoE: forward(hidden [s, b, h]) -> (output, None).
 
-    Tokens are flattened in megatron's [s, b] order, so the capacity's "token order" is position-major."""
+    Tokens are flattened in megatron's [s, b] order, so the capacity's "token order" is position-major.
 
-    def __init__(self, config, moe_kwargs: dict):
+    shared_spec / shared_ffn_size: an always-on shared expert beside the routed ones (DeepSeek-MoE / UMoE), a
+    megatron-core MLP of that width built from the dense layer's MLP spec, added to the MoE output for every
+    token. It is a dense module (replicated, reduced over data parallelism) and lives here rather than inside the
+    MoE module, because DeepSpeed treats every key of an MoE module whose name contains "expert" as an expert
+    shard. record_as: the router name of the MoE's statistics (UMoE: "ffn", so that its FFN routing and its
+    attention routing over the same experts show separately)."""
+
+    def __init__(self, config, moe_kwargs: dict, shared_spec=None, shared_ffn_size: int = 0, record_as: str = ""):
         super().__init__()
         self.config = config
         from wider.moe.layer import MoE
 
         self.moe = MoE(**moe_kwargs)
+        self.moe.router_name = record_as
+        self.shared_ffn = dense_ffn(config, shared_spec, shared_ffn_size) if shared_ffn_size else None
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **_):
         out, _aux, _counts = self.moe(hidden_states)
+        if self.shared_ffn is not None:
+            shared, bias = self.shared_ffn(hidden_states)
+            out = out + (shared if bias is None else shared + bias)
         return out, None
+
+
+def dense_ffn(config, mlp_spec, width: int):
+    """A megatron-core MLP of the given inner width from the dense layer's MLP spec (a shared expert). megatron's MLP
+    sizes fc1 from its ffn_hidden_size argument but fc2 from config.ffn_hidden_size, so it gets a copy of the config
+    with that width (a shallow copy: the TransformerConfig's derived fields stay as they are)."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    narrow = copy.copy(config)
+    narrow.ffn_hidden_size = width
+    return build_module(mlp_spec, config=narrow, ffn_hidden_size=width)
 
 
 def moe_kwargs(m: ModelConfig, settings: MoESettings, label: str, shared: bool = False) -> dict:
@@ -178,7 +201,10 @@ def validate_moe_common(cfg: RunConfig, world_size: Optional[int]) -> None:
 
 
 def validate_gpt_moe(cfg: RunConfig, world_size: Optional[int]) -> None:
+    from wider.models.gpt import validate_head_dim
+
     validate_moe_common(cfg, world_size)
+    validate_head_dim(cfg.model)
     m = cfg.model
     if not (isinstance(m.moe_layer_freq, int) and 1 <= m.moe_layer_freq <= m.num_layers):
         raise ConfigError(f"model.moe_layer_freq {m.moe_layer_freq!r} must be in [1, num_layers={m.num_layers}]")

@@ -30,17 +30,26 @@ The paper's configurations with V = 8000 give 44.34M, 125.66M, 243.32M, 318.10M,
 44M, 126M, 244M, 318M, 727M, 1040M; all within 0.8%). tests/test_moeut.py also builds every preset on the
 meta device (no memory) and checks the built parameter count against this formula.
 
-Statistics: each distinct layer reports under its own label (group0.ffn, group0.attention.v / .o, ...), its
-repeats summed; its entropy regulariser pools every repeat (wider.moe.stats.take).
+Incremental decoding (wider.generation): forward(..., cache=KVCache) runs only the new tokens; the attention
+application at depth i (layer schedule[i]) reads and extends cache.slot(i), so the two applications of layer
+A in A, B, A, B keep separate keys and values. The caller advances the cache (KVCacheForward).
+
+Statistics: every layer APPLICATION (depth) reports under its own label, layer01.ffn, layer01.attention.v / .o,
+layer02.ffn, ... (depth d runs distinct layer d % G), so TensorBoard shows the expert usage of each depth; the
+entropy regulariser of a distinct layer still pools all of its applications (wider.moe.stats.take).
 
 Expert parallelism: moe.ep_size splits the sigma-MoE FFN experts over ranks (wider.moe.layer.MoE, all-to-all
 dispatch); SwitchHead's attention experts stay replicated on every rank at any ep_size (plain parameters, dense
 all-reduce; see wider.models.switchhead). tests/test_moeut.py checks ep_size 2 = ep_size 1 on two ranks.
 Dense baselines of equal parameter count: presets moeut_dense_44m / 126m / 244m (arch gpt).
 
-Not here yet (issue 5): megatron-core embeddings / linears (plain torch modules are used; models with experts
-refuse tensor parallelism anyway), activation recompute, document-reset position ids, expert-parallel
-attention experts, and the benchmark.
+Built from megatron-core pieces where they fit: VocabParallelEmbedding, megatron's norm slot (apex fused
+LayerNorm when installed), ColumnParallelLinear for Q / K and the output layer, megatron's RotaryEmbedding and
+apply_rotary_pos_emb for the partial RoPE; the core attention is torch SDPA (as in our megatron models); the
+experts (FFN and attention) run as grouped GEMMs through wider.moe (megatron-core has no grouped linear without
+Transformer Engine, DESIGN 9). megatron's parallel state must exist to build and run it, as for the megatron
+models. Not supported: document-reset position ids (refused) and tensor parallelism (models with experts refuse
+it).
 """
 
 from __future__ import annotations
@@ -53,8 +62,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from wider.config import ConfigError, ModelConfig, RunConfig
-from wider.models.gpt import ParamCount, padded_vocab_size
-from wider.models.switchhead import SwitchHeadAttention, default_rope_dims, switchhead_params
+from wider.models.attention import KVCache, KVSlot
+from wider.models.gpt import ParamCount, gpt_layer_spec, padded_vocab_size, transformer_config
+from wider.models.switchhead import SwitchHeadAttention, default_rope_dims, normal_init, switchhead_params
 from wider.moe.settings import MoESettings
 
 
@@ -62,10 +72,18 @@ def head_dim(m: ModelConfig) -> int:
     return m.head_dim or m.hidden_size // m.num_attention_heads
 
 
+def _norm(config, m: ModelConfig):
+    """megatron-core's norm slot of the dense layer spec (apex's fused LayerNorm when apex is installed)."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    return build_module(gpt_layer_spec(m).submodules.input_layernorm, config=config, hidden_size=m.hidden_size,
+                        eps=config.layernorm_epsilon)
+
+
 class MoEUTLayer(nn.Module):
     """One of the G distinct layers: peri-LayerNorm SwitchHead attention, then a sigma-MoE FFN."""
 
-    def __init__(self, m: ModelConfig, settings: MoESettings, index: int):
+    def __init__(self, config, m: ModelConfig, settings: MoESettings, index: int):
         super().__init__()
         from wider.moe.layer import MoE
 
@@ -73,9 +91,9 @@ class MoEUTLayer(nn.Module):
         scale = math.sqrt(2.0 / m.num_layers)
         std = scale / math.sqrt(D)
         C = head_dim(m)
-        self.ln1 = nn.LayerNorm(D)
+        self.ln1 = _norm(config, m)
         self.attention = SwitchHeadAttention(
-            D, m.num_attention_heads, C, m.attention_experts, m.attention_top_k, rope_dims=m.rope_dims,
+            config, D, m.num_attention_heads, C, m.attention_experts, m.attention_top_k, rope_dims=m.rope_dims,
             rotary_base=m.rotary_base, init_std=std, output_std=scale / math.sqrt(m.num_attention_heads * C),
             entropy_weight=settings.entropy_weight_attention, label=f"group{index}.attention")
         self.ffn = MoE(D, m.num_experts, m.moe_top_k, m.expert_ffn_size, settings, activation="relu",
@@ -83,46 +101,66 @@ class MoEUTLayer(nn.Module):
                        output_std=scale / math.sqrt(m.num_experts * m.expert_ffn_size),
                        label=f"group{index}.ffn", seq_dim=0)
 
-    def forward(self, x_SBD: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x_SBD = x_SBD + self.attention(x_SBD, self.ln1(x_SBD), attention_mask)
+    def forward(self, x_SBD: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVSlot] = None) -> torch.Tensor:
+        x_SBD = x_SBD + self.attention(x_SBD, self.ln1(x_SBD), attention_mask, cache)
         out_SBD, _aux, _counts = self.ffn(x_SBD)  # aux: collected by wider.moe.stats.take, pooled over repeats
         return x_SBD + out_SBD
 
 
 class MoEUTModel(nn.Module):
     """forward(tokens [B, S], position_ids, attention_mask, labels) -> per-token loss [B, S] (logits [B, S, V]
-    when labels is None), the registry's contract."""
+    when labels is None), the registry's contract. cache: a KVCache for incremental decoding (tokens are then
+    the new positions only; position_ids are not read: positions start at cache.length).
 
-    def __init__(self, m: ModelConfig, vocab: int, settings: MoESettings):
+    config: megatron-core's TransformerConfig of the model (wider.models.gpt.transformer_config): the embedding
+    (VocabParallelEmbedding), the norms (megatron's norm slot), Q / K and the output layer (ColumnParallelLinear)
+    are megatron-core modules; recompute 'full' checkpoints every layer application with non-reentrant
+    torch.utils.checkpoint (safe for the repeated layers' shared parameters under ZeRO-2, DESIGN 9)."""
+
+    def __init__(self, config, m: ModelConfig, vocab: int, settings: MoESettings):
         super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+
         D, G = m.hidden_size, m.layer_group_size
-        self.embedding = nn.Embedding(vocab, D)
-        nn.init.normal_(self.embedding.weight, 0.0, 1.0 / math.sqrt(D))
-        self.layers = nn.ModuleList(MoEUTLayer(m, settings, g) for g in range(G))
+        init = normal_init(1.0 / math.sqrt(D))
+        self.embedding = VocabParallelEmbedding(vocab, D, init_method=init, config=config)
+        self.layers = nn.ModuleList(MoEUTLayer(config, m, settings, g) for g in range(G))
         # Layer i runs group member i % G: A, B, A, B, ... (the paper's grouping).
         self.schedule = [i % G for i in range(m.num_layers)]
-        self.final_norm = nn.LayerNorm(D)
-        self.output = nn.Linear(D, vocab, bias=False)
-        nn.init.normal_(self.output.weight, 0.0, 1.0 / math.sqrt(D))
+        for g, layer in enumerate(self.layers):  # statistics per application: the i-th call runs at depth i * G + g
+            depths = [d for d, member in enumerate(self.schedule) if member == g]
+            layer.ffn.call_labels = [f"layer{d + 1:02d}.ffn" for d in depths]
+            layer.attention.call_labels = [f"layer{d + 1:02d}.attention" for d in depths]
+        self.final_norm = _norm(config, m)
+        self.output = ColumnParallelLinear(D, vocab, config=config, init_method=init, bias=False, gather_output=True,
+                                           skip_bias_add=True)
+        self.recompute = m.recompute == "full"
 
     def applied_layers(self) -> list:
         """The layer objects in the order they run (the same objects repeat)."""
         return [self.layers[g] for g in self.schedule]
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
+                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None):
         x_SBD = self.embedding(tokens).transpose(0, 1)  # megatron's [s, b, d] layout inside
-        for layer in self.applied_layers():
-            x_SBD = layer(x_SBD, attention_mask)
-        logits_BSV = self.output(self.final_norm(x_SBD)).transpose(0, 1)
+        for depth, layer in enumerate(self.applied_layers()):  # one cache slot per application, not per layer
+            if self.recompute and self.training and cache is None and torch.is_grad_enabled():
+                x_SBD = torch.utils.checkpoint.checkpoint(layer, x_SBD, attention_mask, None, use_reentrant=False)
+            else:
+                x_SBD = layer(x_SBD, attention_mask, None if cache is None else cache.slot(depth))
+        logits_BSV = self.output(self.final_norm(x_SBD))[0].transpose(0, 1)
         if labels is None:
             return logits_BSV
         return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
 
 
 def build_moeut(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe: Optional[MoESettings] = None):
+    """megatron parallel_state must be initialised (wider.parallel.init_distributed), as for the megatron models."""
     m = cfg.model
-    return MoEUTModel(m, padded_vocab_size(vocab_size, m, cfg.train.tensor_parallel), moe or MoESettings())
+    return MoEUTModel(transformer_config(m, cfg.train.tensor_parallel, bf16), m,
+                      padded_vocab_size(vocab_size, m, cfg.train.tensor_parallel), moe or MoESettings())
 
 
 def layer_params(m: ModelConfig) -> tuple[int, int]:
@@ -178,7 +216,6 @@ def validate_moeut(cfg: RunConfig, world_size: Optional[int]) -> None:
                                         "RoPE inside SwitchHead; use 'rope'")
     req(not m.tie_embeddings, "model.tie_embeddings: MoEUT's input and output embeddings are untied; use "
                               "--no-tie-embeddings")
-    req(m.recompute == "none", f"model.recompute {m.recompute!r}: not implemented for moeut yet; use 'none'")
     req(m.hidden_dropout == 0 and m.attention_dropout == 0,
         "model.hidden_dropout / attention_dropout: moeut has no dropout; set both to 0")
     req(not d.reset_position_ids, "data.reset_position_ids: moeut's RoPE uses positions 0..S-1; set it to false")

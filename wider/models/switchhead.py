@@ -24,23 +24,35 @@ RoPE on part of each head's channels: MoEUT rotates half of them. 44M's d_head 8
 that rotary pairs cannot cover (the official module fails on that config, DESIGN 5.6): the default here is
 the largest even count <= d_head / 2 (40 for 82; 48 for 96; 64 for 128), and an odd rope_dims is refused.
 
+Incremental decoding (wider.generation): forward(..., cache=KVSlot) takes the cache slot of this application
+(wider.models.attention.KVCache, one slot per depth): only the new positions are projected and routed, their
+keys (after RoPE, at positions cache.offset ...) and values (after the V experts, which depend on the source
+token only) are appended, and the new queries attend over every cached position. The O experts route on the
+destination token, i.e. the new positions only. So the cached result equals the full recomputation.
+
 Regulariser: per router (V, O), minus the entropy of the mean softmax(s) of each sequence and head, averaged
 over sequences and heads, pooled over every call of a shared layer (wider.moe.stats.take), weight
 moe.entropy_weight_attention. No balance loss.
 
-Plain parameters rather than megatron-core's parallel linears: the expert projections are not
-tensor-parallel (models with experts refuse tensor_parallel > 1, wider.models.gpt_moe.validate_moe_common),
-and attention experts stay data-parallel at every moe.ep_size: replicated on each rank, their gradients
-all-reduced with the dense ones (only FFN experts are expert-parallel). Splitting them would take more than
-the dispatch: DeepSpeed finds expert parameters (their own gradient group, one checkpoint file per expert)
-only inside a deepspeed.moe.layer.MoE module, under deepspeed_moe.experts.deepspeed_experts.<i>; as plain
-parameters of this module, a shard held by one rank would be all-reduced with another rank's different shard
-and saved from rank 0 only. They are about a tenth of a layer (2 H E C D: moeut_44m 2.2M of 18.9M per
-distinct layer, moeut_244m 10.5M of 113M).
+megatron-core pieces: Q and K are one ColumnParallelLinear, RoPE is megatron-core's RotaryEmbedding and
+apply_rotary_pos_emb (on the first rope_dims channels of each head), the attention is torch SDPA
+(wider.models.attention.attend, as in megatron's core-attention slot). The expert projections are stacked
+parameters run as grouped GEMMs through the MoE family's dispatch (megatron-core has no grouped linear without
+Transformer Engine).
+
+Expert parallelism: attention experts stay data-parallel at every moe.ep_size: replicated on each rank, their
+gradients all-reduced with the dense ones (only FFN experts are expert-parallel). Why: they are about a tenth of a
+layer (2 H E C D: moeut_44m 2.2M of 18.9M per distinct layer, moeut_244m 10.5M of 113M), their H * E projections
+often do not divide by the usual ep sizes (moeut_727m: 5 heads x 13 = 65), and splitting them would put each
+head's V experts on other ranks than its O experts, two more all-to-alls per layer. DeepSpeed finds expert
+parameters (their own gradient group, one checkpoint file per expert) only inside a deepspeed.moe.layer.MoE
+module, under deepspeed_moe.experts.deepspeed_experts.<i>; as plain parameters of this module they are ordinary
+dense parameters, all-reduced and saved from rank 0, which is correct for replicated weights.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -48,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wider.models.attention import KVSlot, attend
 from wider.moe import dispatch
 from wider.moe.experts import grouped_mm
 from wider.moe.layer import CallRecord
@@ -59,31 +72,29 @@ def default_rope_dims(head_dim: int) -> int:
     return (head_dim // 2) // 2 * 2
 
 
-def rotary(x_BHSC: torch.Tensor, rope_dims: int, base: float, positions_S: torch.Tensor) -> torch.Tensor:
-    """RoPE on the first rope_dims channels (rotate-half pairing: channel i with i + rope_dims / 2); the other
-    channels pass unchanged (they attend by content only)."""
-    if rope_dims == 0:
-        return x_BHSC
-    half = rope_dims // 2
-    inv_freq = base ** (-torch.arange(half, device=x_BHSC.device, dtype=torch.float32) / half)
-    angle_SR = positions_S.float()[:, None] * inv_freq[None, :]
-    cos, sin = angle_SR.cos().to(x_BHSC.dtype), angle_SR.sin().to(x_BHSC.dtype)
-    x1, x2, rest = x_BHSC[..., :half], x_BHSC[..., half:rope_dims], x_BHSC[..., rope_dims:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+def normal_init(std: float):
+    """A megatron-core init_method drawing N(0, std)."""
+    return functools.partial(torch.nn.init.normal_, mean=0.0, std=std)
 
 
 class SwitchHeadAttention(nn.Module):
-    """forward(x [S, B, D], z [S, B, D] or None, attention_mask=None) -> [S, B, D] (megatron's layout).
+    """forward(x [S, B, D], z [S, B, D] or None, attention_mask=None, cache=None) -> [S, B, D] (megatron's layout).
 
-    attention_mask: None = causal; else megatron's [B or 1, 1, S, S] boolean mask (True = masked out)."""
+    attention_mask: None = causal; else megatron's [B or 1, 1, S, S] boolean mask (True = masked out).
+    cache: None, or this application's KVSlot (incremental decoding): x holds only the new positions.
+    config: the model's megatron-core TransformerConfig (for the Q / K ColumnParallelLinear and RoPE); megatron's
+    parallel state must exist (wider.parallel.init_distributed), as for every megatron-core layer."""
 
     records_routing = True  # wider.moe.stats collects self.records
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, num_experts: int, top_k: int = 2,
+    def __init__(self, config, hidden_size: int, num_heads: int, head_dim: int, num_experts: int, top_k: int = 2,
                  rope_dims: Optional[int] = None, rotary_base: float = 10000.0, init_std: float = 0.02,
                  output_std: Optional[float] = None, entropy_weight: float = 0.001, label: str = "attention",
                  shared: bool = False):
         super().__init__()
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
         for name, v in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
                         ("num_experts", num_experts), ("top_k", top_k)):
             if not isinstance(v, int) or v < 1:
@@ -101,8 +112,16 @@ class SwitchHeadAttention(nn.Module):
         self.label, self.shared = label, shared
         self.records: list[CallRecord] = []
         out_std = output_std if output_std is not None else init_std
-        self.q_XD = nn.Parameter(torch.empty(H * C, D).normal_(0.0, init_std))  # X = H * C
-        self.k_XD = nn.Parameter(torch.empty(H * C, D).normal_(0.0, init_std))
+        self.config = config
+        # [W_Q | W_K] as one megatron-core ColumnParallelLinear (MoEUT's init N(0, init_std) for both).
+        self.linear_qk = ColumnParallelLinear(D, 2 * H * C, config=config, init_method=normal_init(init_std),
+                                              bias=False, gather_output=True, skip_bias_add=True)
+        # megatron-core's RoPE laid out for the rotated channels only (kv_channels = rope_dims, so inv_freq is
+        # base^(-2i / rope_dims)); apply_rotary_pos_emb rotates the first rope_dims channels of each head and passes
+        # the others unchanged (rotate-half pairing: channel i with i + rope_dims / 2).
+        self.rotary_pos_emb = (RotaryEmbedding(kv_channels=rope_dims, rotary_percent=1.0, rotary_base=rotary_base,
+                                               use_cpu_initialization=config.use_cpu_initialization)
+                               if rope_dims else None)
         self.v_NDC = nn.Parameter(torch.empty(H * E, D, C).normal_(0.0, init_std))
         self.o_NCD = nn.Parameter(torch.empty(H * E, C, D).normal_(0.0, out_std))
         self.sel_v_ND = nn.Parameter(row_normalised_normal_(torch.empty(H * E, D), init_std))
@@ -133,7 +152,7 @@ class SwitchHeadAttention(nn.Module):
         return dispatch.combine(y_AO, p)
 
     def forward(self, x_SBD: torch.Tensor, z_SBD: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None, cache: Optional[KVSlot] = None) -> torch.Tensor:
         S, B, D = x_SBD.shape
         H, C = self.num_heads, self.head_dim
         T = S * B
@@ -143,20 +162,24 @@ class SwitchHeadAttention(nn.Module):
         def heads(t_TX: torch.Tensor) -> torch.Tensor:  # [T, H * C] -> [B, H, S, C]
             return t_TX.view(S, B, H, C).permute(1, 2, 0, 3)
 
-        positions_S = torch.arange(S, device=x_SBD.device)
-        q = rotary(heads(F.linear(z_TD, self.q_XD.to(z_TD.dtype))), self.rope_dims, self.rotary_base, positions_S)
-        k = rotary(heads(F.linear(z_TD, self.k_XD.to(z_TD.dtype))), self.rope_dims, self.rotary_base, positions_S)
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        start = 0 if cache is None else cache.offset  # new positions continue from the cached ones
+        q_SBHC, k_SBHC = self.linear_qk(z_SBD)[0].view(S, B, 2, H, C).unbind(2)
+        if self.rotary_pos_emb is not None:
+            freqs = self.rotary_pos_emb(S, offset=start)  # [S, 1, 1, rope_dims]
+            q_SBHC = apply_rotary_pos_emb(q_SBHC, freqs, config=self.config)
+            k_SBHC = apply_rotary_pos_emb(k_SBHC, freqs, config=self.config)
+        q, k = q_SBHC.permute(1, 2, 0, 3), k_SBHC.permute(1, 2, 0, 3)
 
         # V: the source token's choice, applied to the raw x (each token's row repeated once per head).
         p_v = self._route(z_TD, self.sel_v_ND, "v", S, B)
         x_XD = x_TD.unsqueeze(1).expand(T, H, D).reshape(T * H, D)
         v = heads(self._experts(x_XD, self.v_NDC, p_v).to(x_TD.dtype).reshape(T, H * C))
 
-        if attention_mask is None:
-            a_BHSC = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(C))
-        else:  # megatron masks mark positions to hide; SDPA's boolean mask marks positions to keep
-            a_BHSC = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask.to(torch.bool),
-                                                    scale=1.0 / math.sqrt(C))
+        if cache is not None:
+            k, v = cache.extend(k, v)  # [B, H, L, C]: every position so far
+        a_BHSC = attend(q, k, v, 1.0 / math.sqrt(C), attention_mask)
 
         # O: the destination token's choice; each head's output goes through its own experts, heads summed.
         p_o = self._route(z_TD, self.sel_o_ND, "o", S, B)

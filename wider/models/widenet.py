@@ -15,6 +15,13 @@ parallelism, loaded from the wrong rank's copy), while megatron's TransformerLay
 Aux losses: the shared MoE's balance (and z) loss is computed at every call, i.e. once per block, each
 weighted by moe.aux_loss_weight, and the N values are summed into the loss (WideNet adds the load-balance
 loss of every MoE call). Statistics are reported per call: block00 ... block{N-1}.
+
+Incremental decoding (wider.generation, megatron's static inference context): megatron keys each
+attention's KV buffers by `attention.layer_number`, and the shared attention has one number, so every block
+would write its keys into block 1's buffer. Each block's attention slot is therefore a `SharedAttentionRef`
+that, only when an inference context is passed, runs the shared module under the block's own layer number:
+one cache slot per application (per depth), the shared weights unchanged. Training never passes an
+inference context and runs exactly as before.
 """
 
 from __future__ import annotations
@@ -46,9 +53,31 @@ class SharedRef:
         return f"SharedRef({type(self.module).__name__})"
 
 
+class SharedAttentionRef(SharedRef):
+    """SharedRef for the shared attention of one block. Under megatron's inference context the call runs with
+    the block's layer_number (megatron's key for the KV buffers, megatron/core/transformer/attention.py
+    _adjust_key_value_for_inference) so that each block keeps its own keys and values; without one (training,
+    plain evaluation) the call is exactly SharedRef's."""
+
+    def __init__(self, module: torch.nn.Module, layer_number: int):
+        super().__init__(module)
+        object.__setattr__(self, "block_layer_number", layer_number)
+
+    def __call__(self, *args, inference_context=None, **kwargs):
+        if inference_context is None:
+            return self.module(*args, **kwargs)
+        shared_number = self.module.layer_number
+        self.module.layer_number = self.block_layer_number
+        try:
+            return self.module(*args, inference_context=inference_context, **kwargs)
+        finally:
+            self.module.layer_number = shared_number
+
+
 def _point_at(layer: torch.nn.Module, slot: str, module: torch.nn.Module) -> None:
     layer._modules.pop(slot, None)
-    layer.__dict__[slot] = SharedRef(module)
+    ref = SharedAttentionRef(module, layer.layer_number) if slot == "self_attention" else SharedRef(module)
+    layer.__dict__[slot] = ref
 
 
 def widenet_block_specs(cfg: RunConfig, settings: MoESettings):
@@ -93,7 +122,10 @@ def count_widenet(cfg: RunConfig, vocab_size: int) -> ParamCount:
 
 
 def validate_widenet(cfg: RunConfig, world_size: Optional[int]) -> None:
+    from wider.models.gpt import validate_head_dim
+
     validate_moe_common(cfg, world_size)
+    validate_head_dim(cfg.model)
     if cfg.model.moe_layer_freq != 1:
         raise ConfigError(f"model.moe_layer_freq {cfg.model.moe_layer_freq}: WideNet shares one MoE across every "
                           "block; use 1 (or arch gpt_moe for MoE in every other block)")

@@ -150,6 +150,44 @@ def gather_tokens(x_TD: torch.Tensor, p: Plan, num_rows: Optional[int] = None) -
     return _GatherTokens.apply(x_TD, token_R, p.row_TK, None if p.dropless else p.live_TK)
 
 
+class _GatherAssignments(torch.autograd.Function):
+    """x_XD -> x_RD where X = T * K rows, one per assignment in token-major order (t * K + k): row r holds
+    assignment source_R[r]. Used when every assignment has its own input (UMoE's pre-mixing attention: choice k
+    of token t feeds expert k the token mixed by that expert's own query).
+
+    Backward without atomic adds: each assignment's gradient is its row's, read through row_TK (a permutation of
+    the kept rows); dropped assignments get zero (they point at row 0, a kept row, and are masked)."""
+
+    @staticmethod
+    def forward(ctx, x_XD: torch.Tensor, source_R: torch.Tensor, row_TK: torch.Tensor, live_TK: Optional[torch.Tensor]):
+        ctx.save_for_backward(row_TK, live_TK)
+        return x_XD.index_select(0, source_R)
+
+    @staticmethod
+    def backward(ctx, g_RD: torch.Tensor):
+        row_TK, live_TK = ctx.saved_tensors
+        g_XD = g_RD.index_select(0, row_TK.reshape(-1))
+        if live_TK is not None:
+            g_XD = g_XD * live_TK.reshape(-1, 1).to(g_XD.dtype)
+        return g_XD, None, None, None
+
+
+def gather_assignments(x_XD: torch.Tensor, p: Plan, num_rows: Optional[int] = None) -> torch.Tensor:
+    """The first num_rows rows of the plan (default all A) filled with per-assignment inputs x_XD [T * K, D]
+    (token-major: row t * K + k is token t's k-th choice)."""
+    source_R = p.source_A if num_rows is None else p.source_A[:num_rows]
+    return _GatherAssignments.apply(x_XD, source_R, p.row_TK, None if p.dropless else p.live_TK)
+
+
+def scatter_to_assignments(y_AD: torch.Tensor, p: Plan) -> torch.Tensor:
+    """The inverse of gather_assignments for a dropless plan: rows grouped by expert -> [T * K, D] in token-major
+    order (row t * K + k = the row of token t's k-th choice). A permutation, so its gradient is one gather."""
+    if not p.dropless:
+        raise ValueError("scatter_to_assignments needs a dropless plan (every assignment has a computed row); "
+                         "plan with capacity None")
+    return _GatherAssignments.apply(y_AD, p.row_TK.reshape(-1), p.source_A.view(-1, 1), None)
+
+
 class _Combine(torch.autograd.Function):
     """out_TD[t] = sum_k weight_TK[t, k] * y_RD[row_TK[t, k]].
 

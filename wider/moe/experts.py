@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("gelu", "relu", "swiglu")
+ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")  # silu: not gated (UMoE's experts)
 
 
 # torch's grouped GEMM takes fewer than 1024 groups per call (DESIGN 6); more experts (the fine-grained grid's
@@ -66,7 +66,7 @@ def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor, 
 
 
 class GroupedExperts(nn.Module):
-    """num_local experts, each x -> act(x W1) W2 (gated: (silu(x W1g) * x W1v) W2)."""
+    """num_local experts, each x -> act(x W1) W2 (act gelu, relu or silu; gated swiglu: (silu(x W1g) * x W1v) W2)."""
 
     def __init__(self, num_local: int, hidden_size: int, ffn_size: int, activation: str = "gelu"):
         super().__init__()
@@ -105,8 +105,13 @@ class GroupedExperts(nn.Module):
             value_RF, gate_RF = h_RF.chunk(2, dim=-1)
             h_RF = F.silu(gate_RF) * value_RF
         else:
-            h_RF = F.gelu(h_RF) if self.activation == "gelu" else F.relu(h_RF)
+            h_RF = activation_fn(self.activation)(h_RF)
         return grouped_mm(h_RF, self.w2_LFD, counts_L, self.kernel)
+
+
+def activation_fn(name: str):
+    """The element-wise activation of a non-gated FFN (swiglu's gate uses silu)."""
+    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swiglu": F.silu}[name]
 
 
 def init_expert_weights(num_experts: int, hidden_size: int, ffn_size: int, activation: str, std: float,

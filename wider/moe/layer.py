@@ -33,8 +33,8 @@ from torch import nn
 
 from wider.moe import dispatch
 from wider.moe.experts import GroupedExperts, init_expert_weights, scaled_output_std
-from wider.moe.router import (SigmoidTopKRouter, SoftmaxTopKRouter, router_entropy, sequence_entropy_loss,
-                              sequence_prob_sums)
+from wider.moe.router import (SigmoidTopKRouter, SoftmaxTopKRouter, router_entropy, sequence_balance_loss,
+                              sequence_entropy_loss, sequence_prob_sums)
 from wider.moe.settings import MoESettings
 
 _EXPERT_KEY = re.compile(r"^deepspeed_experts\.(\d+)\.(w1|w2)$")
@@ -77,7 +77,7 @@ def ensure_expert_groups(ep_size: int) -> None:
 class _Core(nn.Module):
     """The `deepspeed_moe` child: keeps DeepSpeed's key layout (gate.wg.weight, experts.deepspeed_experts.*)."""
 
-    def __init__(self, gate: SoftmaxTopKRouter, experts: GroupedExperts):
+    def __init__(self, gate: Optional[nn.Module], experts: GroupedExperts):
         super().__init__()
         self.gate, self.experts = gate, experts
 
@@ -116,8 +116,9 @@ class MoE(_DeepSpeedMoE):
         self.use_residual, self.enable_expert_tensor_parallelism = False, False
 
         self.hidden_size, self.top_k, self.settings = hidden_size, top_k, settings
-        if router not in ("softmax", "sigmoid"):
-            raise ValueError(f"router {router!r} is not a router kind; use 'softmax' or 'sigmoid'")
+        if router not in ("softmax", "sigmoid", "none"):
+            raise ValueError(f"router {router!r} is not a router kind; use 'softmax', 'sigmoid' or 'none' (an expert "
+                             "bank routed by its callers: run_experts)")
         if router == "sigmoid" and (noise_std or renormalize):
             raise ValueError(f"router 'sigmoid' takes no noise and no renormalisation (got noise_std {noise_std}, "
                              f"renormalize {renormalize}); sigma-MoE uses the raw sigmoid gates: pass 0 / False")
@@ -125,13 +126,16 @@ class MoE(_DeepSpeedMoE):
         self.entropy_weight = (settings.entropy_weight_ffn if entropy_weight is None else float(entropy_weight)) \
             if router == "sigmoid" else 0.0
         self.label, self.shared = label, shared
+        self.router_name = ""  # CallRecord.router of forward()'s records (UMoE names its FFN routing "ffn")
         self.records: list[CallRecord] = []
         self._exchange: Optional[dispatch.ExpertExchange] = None
 
         if router == "sigmoid":
             gate = SigmoidTopKRouter(hidden_size, num_experts, top_k, init_std)
-        else:
+        elif router == "softmax":
             gate = SoftmaxTopKRouter(hidden_size, num_experts, top_k, noise_std, renormalize, init_std)
+        else:  # "none": the callers bring their own routers (route(..., gate=...)) and call run_experts
+            gate = None
         experts = GroupedExperts(self.num_local_experts, hidden_size, ffn_size, activation)
         # Draw every expert's weights on every rank (same RNG stream), keep this rank's slice.
         out_std = output_std if output_std is not None else scaled_output_std(init_std, num_layers_for_init)
@@ -172,43 +176,72 @@ class MoE(_DeepSpeedMoE):
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
         if used_token is not None:
             raise NotImplementedError("used_token masking is not supported by wider's MoE")
+        if self.deepspeed_moe.gate is None:
+            raise RuntimeError(f"MoE {self.label!r} was built with router 'none' (an expert bank): route with "
+                               "route(x, gate=...) and compute with run_experts(...)")
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, self.hidden_size)
-        T = x_TD.shape[0]
-        cap = dispatch.capacity(T, self.top_k, self.num_experts, self.settings.capacity_factor_for(self.training),
-                                self.settings.min_capacity)
+        routing, p = self.route(x_TD)
+        out_TD = self.run_experts(p, x_TD=x_TD)
+        aux = self.record(routing, p, tuple(shape[:-1]), self.router_name)
+        return out_TD.reshape(shape), aux, p.routed_E
+
+    def route(self, x_TD: torch.Tensor, gate: Optional[nn.Module] = None) -> tuple:
+        """(Routing, Plan) of the tokens x_TD by `gate` (default this layer's router; UMoE's attention brings its
+        own router over the same experts), with this layer's capacity for that router's top-k."""
+        gate = self.deepspeed_moe.gate if gate is None else gate
+        cap = dispatch.capacity(x_TD.shape[0], gate.top_k, self.num_experts,
+                                self.settings.capacity_factor_for(self.training), self.settings.min_capacity)
         route = _route_compiled if (COMPILE_ROUTING and x_TD.is_cuda) else _route
-        fn, args = self.deepspeed_moe.gate.routing_call(self.training)
-        routing, p = route(fn, x_TD, args, self.num_experts, cap)
-        sigmoid = self.router_kind == "sigmoid"
+        fn, args = gate.routing_call(self.training)
+        return route(fn, x_TD, args, self.num_experts, cap)
+
+    def run_experts(self, p: dispatch.Plan, x_TD: Optional[torch.Tensor] = None,
+                    x_XD: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The experts on the plan's kept assignments, weighted and summed per token: out_TD. Inputs: x_TD (each
+        token's hidden state, fed to all its chosen experts) or x_XD [T * K, D] (one input per assignment, in
+        token-major order t * K + k: UMoE's pre-mixing attention)."""
+        if (x_TD is None) == (x_XD is None):
+            raise ValueError("run_experts takes exactly one of x_TD (per-token inputs) and x_XD (per-assignment inputs)")
+
+        def rows(n: Optional[int]) -> torch.Tensor:
+            return dispatch.gather_tokens(x_TD, p, n) if x_XD is None else dispatch.gather_assignments(x_XD, p, n)
+
         ex = self.exchange()
         experts = self.deepspeed_moe.experts
         if ex.ep_size == 1:
             # Fixed shapes, no host synchronisation: all T*K rows are gathered; the grouped GEMM computes only
             # the kept ones (its offsets end at n_kept) and the combine reads only those.
-            y_RD = experts(dispatch.gather_tokens(x_TD, p), p.counts_E)
+            y_RD = experts(rows(None), p.counts_E)
         else:
             # all_to_all_single takes its split sizes as host integers: one synchronisation is unavoidable.
             n_kept = int(p.counts_E.sum())
-            x_RD, counts_L, state = ex.send(dispatch.gather_tokens(x_TD, p, n_kept), p.counts_E)
+            x_RD, counts_L, state = ex.send(rows(n_kept), p.counts_E)
             y_RD = ex.back(experts(x_RD, counts_L), state)
-        out_TD = dispatch.combine(y_RD, p)
+        return dispatch.combine(y_RD, p)
 
+    def record(self, routing, p: dispatch.Plan, token_shape: tuple, router_name: str = "") -> torch.Tensor:
+        """Append this call's CallRecord (under `router_name`) and return its weighted aux loss. token_shape: the
+        routed input's shape without D (the sequence along self.seq_dim), for the sequence-level losses."""
         s = self.settings
+        sigmoid = self.router_kind == "sigmoid"  # a bank ("none") is routed by softmax routers (UMoE)
+        balance = routing.aux["balance"]
+        if not sigmoid and s.aux_loss_scope == "sequence":
+            balance = sequence_balance_loss(routing.probs_TE, routing.expert_ids_TK, token_shape, self.seq_dim)
         aux = routing.aux["z"] * s.z_loss_weight
         if not sigmoid:
-            aux = aux + routing.aux["balance"] * s.aux_loss_weight
-        record = CallRecord(aux=aux, balance=routing.aux["balance"].detach(), z=routing.aux["z"].detach(),
+            aux = aux + balance * s.aux_loss_weight
+        record = CallRecord(aux=aux, balance=balance.detach(), z=routing.aux["z"].detach(),
                             entropy=router_entropy(routing.probs_TE), routed_E=p.routed_E.detach(),
-                            kept_E=p.counts_E.detach())
+                            kept_E=p.counts_E.detach(), router=router_name)
         if sigmoid and self.entropy_weight > 0:
-            token_shape = tuple(shape[:-1])
+            T = routing.probs_TE.shape[0]
             record.prob_sums_BE = sequence_prob_sums(routing.probs_TE, token_shape, self.seq_dim)
             record.tokens_per_seq = token_shape[self.seq_dim] if len(token_shape) > 1 else T
             record.entropy_weight = self.entropy_weight
             aux = aux + self.entropy_weight * sequence_entropy_loss(record.prob_sums_BE, record.tokens_per_seq)
         self.records.append(record)
-        return out_TD.reshape(shape), aux, p.routed_E
+        return aux
 
 
 def _route(fn, x_TD: torch.Tensor, args: tuple, num_experts: int, cap: Optional[int]):

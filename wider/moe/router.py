@@ -47,6 +47,23 @@ def balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.T
     return E * torch.sum(f_E * P_E)
 
 
+def sequence_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, token_shape: tuple,
+                          seq_dim: int) -> torch.Tensor:
+    """The balance loss per sequence, averaged over sequences (DeepSeek-V2's sequence-level auxiliary loss, which
+    UMoE uses with weight 0.001): for each sequence, E * sum_i f_i * P_i with f_i the sequence's fraction of routed
+    assignments to expert i and P_i its mean router probability. It asks every sequence, not only the batch, to
+    spread its tokens; equals 1 when each sequence routes uniformly. token_shape: the input's shape without D,
+    with the sequence along seq_dim (megatron's [s, b]: 0); a 1-D token_shape is one sequence."""
+    E, K = probs_TE.shape[-1], expert_ids_TK.shape[-1]
+    if len(token_shape) == 1:
+        return balance_loss(probs_TE, expert_ids_TK)
+    probs_BSE = probs_TE.reshape(*token_shape, E).movedim(seq_dim, -2).reshape(-1, token_shape[seq_dim], E)
+    ids_BX = expert_ids_TK.reshape(*token_shape, K).movedim(seq_dim, -2).reshape(probs_BSE.shape[0], -1)
+    f_BE = probs_TE.new_zeros(probs_BSE.shape[0], E).scatter_add_(1, ids_BX, torch.ones_like(ids_BX, dtype=probs_TE.dtype))
+    f_BE = f_BE / ids_BX.shape[1]
+    return E * (f_BE * probs_BSE.mean(1)).sum(-1).mean()
+
+
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss mean(logsumexp(logits)^2): keeps router logits small."""
     return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
@@ -178,5 +195,5 @@ def widenet_noise_std(num_experts: int) -> float:
 
 
 __all__ = ["Routing", "SoftmaxTopKRouter", "SigmoidTopKRouter", "route_tokens", "route_sigmoid", "sigmoid_topk", "sequence_prob_sums",
-           "sequence_entropy_loss", "row_normalised_normal_", "balance_loss", "z_loss", "router_entropy",
+           "sequence_entropy_loss", "row_normalised_normal_", "balance_loss", "sequence_balance_loss", "z_loss", "router_entropy",
            "widenet_noise_std"]

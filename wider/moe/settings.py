@@ -36,6 +36,9 @@ class MoESettings:
     drop_tokens: bool = _f(True, "false = dropless whatever the capacity factors say (DeepSpeed's meaning).")
     aux_loss_weight: float = _f(0.01, "Weight of the balance loss E * sum_i f_i * P_i, added once per call "
                                       "of each MoE layer (a shared layer counts at every call); 0 = off.")
+    aux_loss_scope: str = _f("batch", "What the balance loss averages over: 'batch' (f_i and P_i over every token of the "
+                                      "local micro-batch, Switch / GShard) or 'sequence' (E * sum_i f_i P_i per sequence, "
+                                      "then the mean over sequences: DeepSeek's sequence-level loss, used by UMoE).")
     z_loss_weight: float = _f(0.0, "Weight of the router z-loss mean(logsumexp(logits)^2) (ST-MoE uses "
                                    "1e-3); 0 = off.")
     entropy_weight_ffn: float = _f(0.01, "Sigmoid-router (sigma-MoE / MoEUT) FFN layers only: weight of minus the "
@@ -80,6 +83,8 @@ class MoESettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise MoESettingsError(f"{where}: moe.{name} must be a number >= 0 (0 = off), got {v!r}")
+        if self.aux_loss_scope not in ("batch", "sequence"):
+            raise MoESettingsError(f"{where}: moe.aux_loss_scope must be 'batch' or 'sequence', got {self.aux_loss_scope!r}")
         if isinstance(self.ep_size, bool) or not isinstance(self.ep_size, int) or self.ep_size < 1:
             raise MoESettingsError(f"{where}: moe.ep_size must be a positive integer, got {self.ep_size!r}")
 

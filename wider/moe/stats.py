@@ -3,7 +3,9 @@
 The training loop calls clear(model) before a forward pass and take(model) right after it (before the
 backward pass: with activation recompute, the recomputed forward inside backward appends records again,
 and those must not count). A layer shared by several blocks (WideNet) reports once per call; its calls
-are labelled block00, block01, ... in call order; an unshared layer reports under its own label.
+are labelled block00, block01, ... in call order; an unshared layer reports under its own label. A layer that
+names its calls (`call_labels`, a list: MoEUT's layers, applied at several depths, label each application
+layer03.ffn, layer03.attention, ...) reports the i-th call under call_labels[i].
 
 The sequence entropy regulariser of sigmoid routers (MoEUT) is not a sum of per-call terms: the mean router
 distribution of a sequence is pooled over the sequence's tokens AND over every call of the layer in the
@@ -32,6 +34,14 @@ def router_layers(model: torch.nn.Module) -> list:
     """Every module that records routing: the MoE layers and routed attention (SwitchHead), which sets
     `records_routing = True` and keeps a `records` list of CallRecords, a `label` and `shared`."""
     return [m for m in model.modules() if isinstance(m, MoE) or getattr(m, "records_routing", False)]
+
+
+def _call_label(m, i: int) -> str:
+    """The label of the i-th call of a routing module (see the module docstring)."""
+    names = getattr(m, "call_labels", None)
+    if names:
+        return names[i] if i < len(names) else f"{m.label}.call{i:02d}"
+    return f"block{i:02d}" if m.shared else m.label
 
 
 def clear(model: torch.nn.Module) -> None:
@@ -67,7 +77,7 @@ def take(model: torch.nn.Module) -> tuple[Optional[torch.Tensor], list[tuple[str
         for r in m.records:
             i = len(calls.setdefault(r.router, []))
             calls[r.router].append(r)
-            label = f"block{i:02d}" if m.shared else m.label
+            label = _call_label(m, i)
             labelled.append((f"{label}.{r.router}" if r.router else label, r))
             total = r.aux if total is None else total + r.aux
         for records in calls.values():  # each router's regulariser pools its own calls only

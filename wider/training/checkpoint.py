@@ -5,6 +5,10 @@ file per rank, and `complete.json`, written by rank 0 only after every rank has 
 checkpoint without `complete.json` is ignored by `--resume auto` (a rank killed mid-save leaves one), so
 the previous complete checkpoint is never touched and is always the one resumed. Older complete
 checkpoints beyond `keep_checkpoints` and stale incomplete ones are deleted after a successful save.
+
+`complete.json` and the client state record the layout (world size, tp, dp, moe.ep_size, ZeRO stage,
+precision). `load` resumes with DeepSpeed's own load when the layout is the same (exact and cheap) and
+through wider.checkpoint.reshard otherwise (another data-parallel size, ep_size, ZeRO stage or precision).
 """
 
 from __future__ import annotations
@@ -63,7 +67,11 @@ def latest_complete(run_dir: str) -> Optional[str]:
 
 def save(engine, run_dir: str, step: int, client_state: dict, keep: int) -> str:
     """Collective: every rank calls it. Returns the checkpoint directory."""
+    from wider.checkpoint.reshard import engine_layout
+
     layout = parallel.current_layout()
+    recorded = engine_layout(engine)
+    client_state = {**client_state, "layout": recorded}
     root, tag = ckpt_root(run_dir), tag_for(step)
     path = os.path.join(root, tag)
     if os.path.isfile(os.path.join(path, MARKER)):
@@ -77,8 +85,7 @@ def save(engine, run_dir: str, step: int, client_state: dict, keep: int) -> str:
     os.replace(os.path.join(path, f"rng_rank{layout.rank:05d}.pt.tmp"), os.path.join(path, f"rng_rank{layout.rank:05d}.pt"))
     dist.barrier()  # every rank's files are on disk before the marker
     if layout.is_main:
-        _atomic_write_json(os.path.join(path, MARKER), {"step": step, "world_size": layout.world_size,
-                                                         "tp": layout.tp, "dp": layout.dp, "time": time.time()})
+        _atomic_write_json(os.path.join(path, MARKER), {"step": step, **recorded, "time": time.time()})
         _prune(run_dir, keep, current=path)
     dist.barrier()
     return path
@@ -96,10 +103,21 @@ def _prune(run_dir: str, keep: int, current: str) -> None:
 
 def load(engine, path: str) -> dict:
     """Load a checkpoint directory into the engine (model, optimizer, LR schedule) and restore this rank's
-    RNG states. Returns the client state saved with it."""
+    RNG states. Returns the client state saved with it; when the layout differed from the saving one (and the
+    load was re-sharded), its "resume_note" says so."""
     if not os.path.isfile(os.path.join(path, MARKER)):
         raise RuntimeError(f"checkpoint {path!r} is incomplete (no {MARKER}: a save was interrupted); resume "
                            "from an earlier one or use --resume auto, which skips incomplete checkpoints")
+    from wider.checkpoint import reshard
+    from wider.checkpoint.native import saved_layout
+
+    saved, now = saved_layout(path), reshard.engine_layout(engine)
+    keys = ("tp", "dp", "ep_size", "zero_stage", "bf16")
+    if any(saved[k] != now[k] for k in keys):
+        client = reshard.load_resharded(engine, path)
+        client["resume_note"] = (f"re-sharded from {reshard.describe(saved)} to {reshard.describe(now)}; "
+                                 f"{reshard.RNG_NOTE}")
+        return client
     root, tag = os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.normpath(path))
     loaded, client = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                             load_lr_scheduler_states=True)

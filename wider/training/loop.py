@@ -200,10 +200,16 @@ def run(cfg: RunConfig) -> Outcome:
         client = checkpoint.load(engine, resume_from)
         step = int(client["step"])
         saved = client.get("config", {}).get("model")
-        if saved is not None and saved != cfg.to_dict()["model"]:
-            raise ConfigError(f"checkpoint {resume_from!r} was trained with a different model config; "
-                              "resume with the run's own config (--config RUN_DIR/config.json)")
-        rep.info(f"resumed from {resume_from} at step {step}")
+        if saved is not None:
+            # Through RunConfig so that fields added to ModelConfig since the checkpoint compare at their defaults.
+            saved, now = RunConfig.from_dict({"model": saved}).to_dict()["model"], cfg.to_dict()["model"]
+            differ = sorted(k for k in now if saved.get(k) != now[k])
+            if differ:
+                raise ConfigError(f"checkpoint {resume_from!r} was trained with a different model config (model."
+                                  f"{', model.'.join(differ)}); resume with the run's own config (--config "
+                                  "RUN_DIR/config.json)")
+        rep.info(f"resumed from {resume_from} at step {step}"
+                 + (f" ({client['resume_note']})" if client.get("resume_note") else ""))
 
     preempt = Preemption()
     rep.begin(step)

@@ -40,9 +40,12 @@ setup() {
       "$PY" -m pip install -q "$torch_pin" --index-url "${WIDER_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
   fi
   "$PY" -m pip install -q -r requirements.txt 2>&1 | grep -v "is ignored" || true
-  "$PY" -c "import torch, deepspeed, megatron.core, sentencepiece, tensorboard" 2>/dev/null || {
+  "$PY" -c "import torch, deepspeed, megatron.core, sentencepiece, tensorboard, lm_eval" 2>/dev/null || {
     echo "[wider] set-up failed: the packages in requirements.txt do not import; see the pip output above" >&2
     exit 1; }
+  # `lm_eval --model wider ...`: lm-eval 0.4.13 has no plugin discovery, so a one-line .pth in the venv registers
+  # the model when lm-eval loads its own (wider/eval/lm_eval_hook.py and wider/eval/harness.py say why).
+  "$PY" wider/eval/lm_eval_hook.py install
   if ! has_gpu; then
     # DeepSpeed compiles a shared-memory communication op with g++ at first use on CPU (about a minute):
     # do it now, once, rather than inside the first run or test.

@@ -38,13 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("model")
-    g.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run directory (its latest complete checkpoint), one checkpoint directory "
-                        "(RUN_DIR/checkpoints/step_XXXXXXXX) or a release directory made by recipes/export.py; "
-                        "the tokenizer and config are the run's own")
-    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="parameter and compute precision; auto = bf16 on CUDA, fp32 on CPU")
+    from wider.cli import add_model_arguments
+
+    add_model_arguments(g, ("auto", "fp32", "bf16", "fp16"))
     g.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="rows per forward pass; default: the run's micro-batch size (so that MoE capacity sees "
                         "the token count of the run's own evaluation batches)")

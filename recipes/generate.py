@@ -1,6 +1,5 @@
 r"""Sample text from a checkpoint, with a key/value cache (wider/generation.py). One process, CPU or GPU; every
-architecture of the registry (dense GPT, Switch / GLaM, WideNet, MoEUT; UMoE once it has a cache, --no-cache
-until then).
+architecture of the registry (dense GPT, Switch / GLaM, WideNet, MoEUT, UMoE).
 
 CPU (after ./run.sh, which trains runs/default):
     python recipes/generate.py --checkpoint runs/default --prompt "In the beginning" --max-new-tokens 60
@@ -24,13 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run directory (its latest complete checkpoint), one checkpoint directory "
-                        "(RUN_DIR/checkpoints/step_XXXXXXXX) or a release directory made by recipes/export.py; "
-                        "the tokenizer and config are the run's own")
-    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="parameter and compute precision; auto = bf16 on CUDA, fp32 on CPU")
+    from wider.cli import add_model_arguments
+
+    add_model_arguments(g)
     g.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence at every step instead of using the key/value cache (slower; "
                         "for comparison, and for an architecture without a cache)")

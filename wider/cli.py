@@ -107,3 +107,15 @@ def parse(argv: Optional[Sequence[str]] = None, description: str = "", default_p
     except (ConfigError, OSError, json.JSONDecodeError) as e:
         parser.exit(2, f"error: {e}\n")
     return cfg
+
+
+def add_model_arguments(group, dtypes=("auto", "fp32", "bf16")) -> None:
+    """The --checkpoint / --device / --dtype flags of every tool that loads a model with load_for_inference
+    (recipes/evaluate.py, recipes/generate.py; wider.checkpoint.load_for_inference), on an argparse group."""
+    group.add_argument("--checkpoint", required=True, metavar="PATH",
+                       help="a run directory (its latest complete checkpoint), one checkpoint directory "
+                            "(RUN_DIR/checkpoints/step_XXXXXXXX) or a release directory made by recipes/export.py; "
+                            "the tokenizer and config are the run's own")
+    group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    group.add_argument("--dtype", default="auto", choices=list(dtypes),
+                       help="parameter and compute precision; auto = bf16 on CUDA, fp32 on CPU")

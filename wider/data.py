@@ -193,6 +193,26 @@ def micro_batch(dataset, step: int, micro: int, global_batch: int, micro_batch_s
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def final_eval_samples(cfg: RunConfig, splits: Splits) -> int:
+    """Validation samples the final evaluation scores: train.final_eval_iters global batches, or the whole split."""
+    t = cfg.train
+    n = splits.valid_epoch_samples if t.final_eval_iters is None else t.final_eval_iters * t.global_batch_size
+    return min(n, len(splits.valid))
+
+
+def eval_micro_batches(sample_ids, dp: int, dp_rank: int, micro_batch_size: int) -> list:
+    """The sample ids data-parallel rank dp_rank scores in an evaluation, cut into its micro-batches (every dp-th
+    sample from dp_rank on): the split the training loop's evaluation uses and wider.eval reproduces."""
+    mine = sample_ids[dp_rank::dp]
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def stack_samples(dataset, ids, device: torch.device) -> dict:
+    """GPTDataset samples stacked into one batch on `device`."""
+    samples = [dataset[j] for j in ids]
+    return {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
+
+
 def unpack(batch: dict) -> tuple:
     """(tokens, position_ids, attention_mask or None, labels, loss_mask) in the order the model takes."""
     return (batch["tokens"], batch["position_ids"], batch.get("attention_mask"), batch["labels"],

@@ -158,14 +158,11 @@ def inference_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode, no autograd, and dropless MoE for the duration (the module docstring says why); restores the
     MoE settings, the compile switch and the training flag afterwards."""
     from wider.moe import layer as moe_layer
-    from wider.moe.settings import MoESettings
 
-    saved = [(m, m.settings) for m in model.modules() if isinstance(getattr(m, "settings", None), MoESettings)]
     was_training = model.training
     compile_routing = moe_layer.COMPILE_ROUTING
+    saved = moe_layer.set_dropless(model)
     try:
-        for m, s in saved:
-            m.settings = dataclasses.replace(s, drop_tokens=False)  # capacity_factor_for() -> None: dropless
         # The compiled router is specialised per token count (dynamic=False): prefill lengths change with every
         # prompt, so eager routing avoids a recompilation per prompt.
         moe_layer.COMPILE_ROUTING = False
@@ -173,8 +170,7 @@ def inference_mode(model: torch.nn.Module) -> Iterator[None]:
         with torch.no_grad():
             yield
     finally:
-        for m, s in saved:
-            m.settings = s
+        moe_layer.restore_settings(saved)
         moe_layer.COMPILE_ROUTING = compile_routing
         model.train(was_training)
 
@@ -343,15 +339,10 @@ def _completion_text(tokenizer, prompt_ids: list, new_ids: list) -> str:
 
 def _atomic_jsonl(path: str, records: list) -> None:
     import json
-    import os
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from wider.files import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def run(args) -> int:

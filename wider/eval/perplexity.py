@@ -24,7 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from wider.data import DataError, SentencePieceTokenizer, build_datasets, check_indexed_dataset, unpack
+from wider.data import (DataError, SentencePieceTokenizer, build_datasets, check_indexed_dataset, eval_micro_batches,
+                         final_eval_samples, stack_samples, unpack)
 from wider.eval.scoring import EvalError, Scorer, perplexity
 
 
@@ -135,13 +136,6 @@ def score_indexed(scorer: Scorer, prefix: str, limit: Optional[int] = None,
     return PerplexityResult(loss=nll / max(tokens, 1), tokens=tokens, documents=n_docs)
 
 
-def final_eval_samples(cfg, valid_epoch_samples: int, valid_len: int) -> int:
-    """How many validation samples the run's final evaluation scores (wider/training/loop.py run())."""
-    t = cfg.train
-    n = valid_epoch_samples if t.final_eval_iters is None else t.final_eval_iters * t.global_batch_size
-    return min(n, valid_len)
-
-
 def run_data_parallel(source: str) -> Optional[int]:
     """The data-parallel size the weights were trained with (a checkpoint's layout, or the trained_layout a
     release records), None when unknown."""
@@ -174,17 +168,13 @@ def score_validation(scorer: Scorer, index_cache: str, data_parallel: int = 1,
         raise DataError(f"{e}\n(the run's validation split comes from data.data_path {prefixes} in its config, "
                         "relative to the directory the training ran in: run from there, or evaluate another "
                         "dataset with --data-path / --text)") from None
-    n = final_eval_samples(cfg, splits.valid_epoch_samples, len(splits.valid))
+    n = final_eval_samples(cfg, splits)
     ids = range(n if limit is None else min(n, limit))
-    mb = scorer.batch_size
-    groups = [ids[r::data_parallel][i:i + mb] for r in range(data_parallel)
-              for i in range(0, len(ids[r::data_parallel]), mb)]
+    groups = [g for r in range(data_parallel) for g in eval_micro_batches(ids, data_parallel, r, scorer.batch_size)]
     total = np.zeros(2, dtype=np.float64)
     with scorer._bar(len(groups), "validation split") as bar:
         for group in groups:
-            samples = [splits.valid[j] for j in group]
-            batch = {k: torch.stack([s[k] for s in samples]).to(scorer.device) for k in samples[0]}
-            tokens, pos, mask, labels, loss_mask = unpack(batch)
+            tokens, pos, mask, labels, loss_mask = unpack(stack_samples(splits.valid, group, scorer.device))
             per_tok = _forward_sample(scorer, tokens, pos, mask, labels)
             lm = loss_mask.float()
             total[0] += float((per_tok.float() * lm).sum().double())

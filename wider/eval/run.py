@@ -12,7 +12,6 @@ for a release made by recipes/export.py; --output-dir otherwise):
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import sys
@@ -22,6 +21,7 @@ from typing import Optional
 import torch
 
 from wider.eval.scoring import EvalError, Scorer, set_dropless
+from wider.files import atomic_write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -96,17 +96,6 @@ def header(loaded, scorer: Scorer, dtype: torch.dtype) -> str:
             f"{scorer.device} | {str(dtype).replace('torch.', '')} | batch {scorer.batch_size} | moe: {moe_mode(loaded)}")
 
 
-def atomic_json(path: str, obj: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def scalars_of(name: str, metrics: dict, prefix: str = "eval") -> dict:
     """TensorBoard tags for the numeric metrics (standard errors and counts left out), nested dicts (BLiMP's
     paradigms) one level down."""
@@ -142,7 +131,7 @@ def record(out_dir: str, name: str, kind: str, loaded, metrics: dict, settings: 
                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "settings": settings, "results": metrics}
     if write:
-        atomic_json(os.path.join(out_dir, "eval", f"{name}.json"), payload)
+        atomic_write_json(os.path.join(out_dir, "eval", f"{name}.json"), payload)
     return payload
 
 

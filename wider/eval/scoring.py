@@ -34,7 +34,6 @@ lm-evaluation-harness adapter), so that they agree to the last bit on the same r
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Optional, Sequence
 
@@ -49,12 +48,11 @@ class EvalError(ValueError):
 
 
 def set_dropless(model: torch.nn.Module) -> int:
-    """Evaluate every MoE layer without capacity (no assignment dropped). Returns the number of layers changed.
-    The layers read `settings.capacity_factor_for(training)` at every call (wider/moe/layer.py)."""
-    layers = moe_stats.moe_layers(model)
-    for layer in layers:
-        layer.settings = dataclasses.replace(layer.settings, eval_capacity_factor=None)
-    return len(layers)
+    """Evaluate every MoE layer without capacity (no assignment dropped), for the rest of the model's life (the CLI's
+    --dropless). Returns the number of layers changed."""
+    from wider.moe.layer import set_dropless as moe_set_dropless
+
+    return len(moe_set_dropless(model))
 
 
 def window_plan(n_tokens: int, seq_length: int, stride: int) -> list[tuple[int, int, int]]:

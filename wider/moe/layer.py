@@ -22,6 +22,7 @@ for experts, presented by state-dict hooks over our stacked weights) and tag exp
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -242,6 +243,21 @@ class MoE(_DeepSpeedMoE):
             aux = aux + self.entropy_weight * sequence_entropy_loss(record.prob_sums_BE, record.tokens_per_seq)
         self.records.append(record)
         return aux
+
+
+def set_dropless(model: nn.Module) -> list:
+    """Make every MoE layer of `model` compute every routed assignment (no capacity, in training and evaluation);
+    returns [(layer, previous settings)] for restore_settings. Used where a token's output must not depend on how
+    many tokens share its forward pass: generation (wider.generation.inference_mode) and --dropless evaluation."""
+    saved = [(m, m.settings) for m in model.modules() if isinstance(m, MoE)]
+    for m, s in saved:
+        m.settings = dataclasses.replace(s, drop_tokens=False)  # capacity_factor_for() -> None
+    return saved
+
+
+def restore_settings(saved: list) -> None:
+    for m, s in saved:
+        m.settings = s
 
 
 def _route(fn, x_TD: torch.Tensor, args: tuple, num_experts: int, cap: Optional[int]):

@@ -13,7 +13,6 @@ through wider.checkpoint.reshard otherwise (another data-parallel size, ep_size,
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from wider import parallel
+from wider.files import atomic_write_json
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "complete.json"
@@ -35,15 +35,6 @@ def ckpt_root(run_dir: str) -> str:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str, bool]]:
@@ -85,7 +76,7 @@ def save(engine, run_dir: str, step: int, client_state: dict, keep: int) -> str:
     os.replace(os.path.join(path, f"rng_rank{layout.rank:05d}.pt.tmp"), os.path.join(path, f"rng_rank{layout.rank:05d}.pt"))
     dist.barrier()  # every rank's files are on disk before the marker
     if layout.is_main:
-        _atomic_write_json(os.path.join(path, MARKER), {"step": step, **recorded, "time": time.time()})
+        atomic_write_json(os.path.join(path, MARKER), {"step": step, **recorded, "time": time.time()})
         _prune(run_dir, keep, current=path)
     dist.barrier()
     return path

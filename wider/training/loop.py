@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from wider import ds_config, parallel
 from wider.config import ConfigError, RunConfig, cosine_lr, parse_blend
-from wider.data import SentencePieceTokenizer, build_datasets, micro_batch, unigram_entropy, unpack
+from wider.data import (SentencePieceTokenizer, build_datasets, eval_micro_batches, final_eval_samples, micro_batch,
+                         stack_samples, unigram_entropy, unpack)
 
 from wider.models import ARCHITECTURES, training_flops_per_token
 from wider.moe import stats as moe_stats
@@ -99,16 +100,11 @@ def _prepare_run_dir(cfg: RunConfig, layout) -> str | None:
 def evaluate(engine, dataset, sample_ids: range, cfg: RunConfig, layout, window=None) -> tuple[float, int]:
     """Mean per-token loss over the given samples (split across data-parallel ranks) and the token count.
     window: a wider.moe.stats.Window that collects the MoE statistics of these forward passes."""
-    mb = cfg.train.micro_batch_size
-    mine = sample_ids[layout.dp_rank::layout.dp]
     total = torch.zeros(2, dtype=torch.float64, device=layout.device)
     engine.eval()
     with torch.no_grad():
-        for i in range(0, len(mine), mb):
-            ids = mine[i:i + mb]
-            samples = [dataset[j] for j in ids]
-            batch = {k: torch.stack([s[k] for s in samples]).to(layout.device) for k in samples[0]}
-            tokens, pos, mask, labels, loss_mask = unpack(batch)
+        for ids in eval_micro_batches(sample_ids, layout.dp, layout.dp_rank, cfg.train.micro_batch_size):
+            tokens, pos, mask, labels, loss_mask = unpack(stack_samples(dataset, ids, layout.device))
             moe_stats.clear(engine.module)
             per_tok = engine(tokens, pos, mask, labels=labels)
             if window is not None:
@@ -191,9 +187,7 @@ def run(cfg: RunConfig) -> Outcome:
     cache_dir = cfg.data.index_cache or os.path.join(os.path.dirname(os.path.abspath(t.run_dir)), ".index_cache")
     periodic_samples = t.eval_iters * t.global_batch_size
     splits = build_datasets(cfg, tokenizer, t.train_iters * t.global_batch_size, periodic_samples, cache_dir)
-    final_samples = (splits.valid_epoch_samples if t.final_eval_iters is None
-                     else t.final_eval_iters * t.global_batch_size)
-    final_samples = min(final_samples, len(splits.valid))
+    final_samples = final_eval_samples(cfg, splits)
 
     step = 0
     if resume_from:

@@ -15,10 +15,14 @@ Gates are the raw sigmoid values (no renormalisation), routers in fp32. With one
 is ordinary attention whose values are scaled by a sigmoid gate of the source token and whose heads' outputs
 are scaled by a sigmoid gate of the destination token.
 
-The V and O projections reuse the MoE family: one dispatch.plan over N = H * E experts whose "tokens" are the
-(token, head) pairs (expert ids offset by h * E, so one grouped GEMM serves every head), gather_tokens,
-experts.grouped_mm and dispatch.combine (capacity None: SwitchHead drops nothing). The (token, head) layout
-copies x once per head (T x H x D) for the V gather: simple, and small next to the attention itself.
+The V and O projections reuse the MoE family: one dispatch.plan over N = H * E experts in which each token
+makes H * K choices (head h's experts are global ids h * E ...; one grouped GEMM serves every head), then
+gather_tokens, experts.grouped_mm and dispatch.combine (capacity None: SwitchHead drops nothing). Nothing is
+copied per head: V's rows are gathered from x itself (a token's H * K assignments all read its x) and combined
+per (token, head) through dispatch.split_choices; O's rows are gathered per (token, head) through the same view
+and combined over all H * K assignments of a token, which is the sum over heads. (The first version laid the
+(token, head) pairs out as T * H rows and copied x once per head, T x H x D, before the V gather, and summed a
+T x H x D output for O; the same math, tests/test_moeut.py's loop reference checks both.)
 
 RoPE on part of each head's channels: MoEUT rotates half of them. 44M's d_head 82 would give 41, an odd count
 that rotary pairs cannot cover (the official module fails on that config, DESIGN 5.6): the default here is
@@ -132,9 +136,10 @@ class SwitchHeadAttention(nn.Module):
         T, H, E, K = z_TD.shape[0], self.num_heads, self.num_experts, self.top_k
         # One routing row per (token, head): each head chooses among its own E experts.
         r = sigmoid_topk(F.linear(z_TD.float(), sel_ND.float()).view(T * H, E), K)
-        # Head h's experts are global ids h * E ... h * E + E - 1: one plan and one grouped GEMM for all heads.
-        ids_XK = (r.expert_ids_TK.view(T, H, K) + (torch.arange(H, device=z_TD.device) * E).view(1, H, 1))
-        p = dispatch.plan(ids_XK.reshape(T * H, K), r.weights_TK, H * E, None)
+        # Head h's experts are global ids h * E ... h * E + E - 1, and a token's H * K choices are one plan row:
+        # one plan and one grouped GEMM for all heads.
+        ids_TX = (r.expert_ids_TK.view(T, H, K) + (torch.arange(H, device=z_TD.device) * E).view(1, H, 1))
+        p = dispatch.plan(ids_TX.reshape(T, H * K), r.weights_TK.view(T, H * K), H * E, None)
         probs_THE = r.probs_TE.view(T, H, E)
         record = CallRecord(aux=r.probs_TE.new_zeros(()), balance=r.aux["balance"], z=r.aux["z"].detach(),
                             entropy=router_entropy(r.probs_TE), routed_E=p.routed_E.detach(),
@@ -146,10 +151,11 @@ class SwitchHeadAttention(nn.Module):
         self.records.append(record)
         return p
 
-    def _experts(self, rows_XI: torch.Tensor, w_NIO: torch.Tensor, p: dispatch.Plan) -> torch.Tensor:
-        """(token, head) rows [T * H, I] through their chosen experts, weighted and summed: [T * H, O]."""
-        y_AO = grouped_mm(dispatch.gather_tokens(rows_XI, p), w_NIO, p.counts_E)
-        return dispatch.combine(y_AO, p)
+    def _experts(self, rows_YI: torch.Tensor, w_NIO: torch.Tensor, p: dispatch.Plan, read: dispatch.Plan,
+                 write: dispatch.Plan) -> torch.Tensor:
+        """The plan's assignments through their experts: inputs gathered from rows_YI by the `read` view of p, the
+        weighted outputs summed by the `write` view (p itself: per token; split_choices(p, H): per (token, head))."""
+        return dispatch.combine(grouped_mm(dispatch.gather_tokens(rows_YI, read), w_NIO, p.counts_E), write)
 
     def forward(self, x_SBD: torch.Tensor, z_SBD: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, cache: Optional[KVSlot] = None) -> torch.Tensor:
@@ -172,21 +178,22 @@ class SwitchHeadAttention(nn.Module):
             k_SBHC = apply_rotary_pos_emb(k_SBHC, freqs, config=self.config)
         q, k = q_SBHC.permute(1, 2, 0, 3), k_SBHC.permute(1, 2, 0, 3)
 
-        # V: the source token's choice, applied to the raw x (each token's row repeated once per head).
+        # V: the source token's choice, applied to the raw x: all H * K assignments of token t read x[t]; the
+        # outputs sum per (token, head) -> [T * H, C].
         p_v = self._route(z_TD, self.sel_v_ND, "v", S, B)
-        x_XD = x_TD.unsqueeze(1).expand(T, H, D).reshape(T * H, D)
-        v = heads(self._experts(x_XD, self.v_NDC, p_v).to(x_TD.dtype).reshape(T, H * C))
+        v = heads(self._experts(x_TD, self.v_NDC, p_v, p_v, dispatch.split_choices(p_v, H))
+                  .to(x_TD.dtype).reshape(T, H * C))
 
         if cache is not None:
             k, v = cache.extend(k, v)  # [B, H, L, C]: every position so far
         a_BHSC = attend(q, k, v, 1.0 / math.sqrt(C), attention_mask)
 
-        # O: the destination token's choice; each head's output goes through its own experts, heads summed.
+        # O: the destination token's choice; the K assignments of (token t, head h) read a_h[t], and a token's
+        # H * K outputs sum into one row: the heads' sum.
         p_o = self._route(z_TD, self.sel_o_ND, "o", S, B)
-        a_XC = a_BHSC.permute(2, 0, 1, 3).reshape(T * H, C)
-        out_XD = self._experts(a_XC, self.o_NCD, p_o)
-        return out_XD.view(T, H, D).sum(1).to(x_SBD.dtype).view(S, B, D)
-
+        a_YC = a_BHSC.permute(2, 0, 1, 3).reshape(T * H, C)  # row t * H + h
+        out_TD = self._experts(a_YC, self.o_NCD, p_o, dispatch.split_choices(p_o, H), p_o)
+        return out_TD.to(x_SBD.dtype).view(S, B, D)
 
 def switchhead_params(hidden_size: int, num_heads: int, head_dim: int, num_experts: int,
                       top_k: int) -> tuple[int, int]:

@@ -15,6 +15,7 @@ micro-batch before any all-to-all, so a rank's drops do not depend on the other 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -98,6 +99,21 @@ def plan(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
     weight_TK = torch.where(live_TK, weights_TK, torch.zeros((), dtype=weights_TK.dtype, device=dev))
     return Plan(token_A=token_A, live_A=live_A, counts_E=counts_E, routed_E=routed_E,
                 dropless=cap is None, source_A=source_A, row_TK=row_TK, live_TK=live_TK, weight_TK=weight_TK)
+
+
+def split_choices(p: Plan, n: int) -> Plan:
+    """The same assignments seen as T * n tokens of K / n choices each: choice block j (choices j * K / n ...
+    (j + 1) * K / n - 1) of token t becomes token t * n + j. Nothing moves (the token-major index t * K + k is
+    unchanged), so gather_tokens / combine over the view read or sum per block. SwitchHead plans a token's H heads
+    x K choices as one token with H * K choices (its V experts all read the token's x: gather over the plan),
+    and sums the V outputs per (token, head) (combine over the view); its O experts read a (token, head) row
+    each (gather over the view) and their outputs sum over every head (combine over the plan)."""
+    T, K = p.row_TK.shape
+    if n < 1 or K % n:
+        raise ValueError(f"split_choices: {K} choices per token do not split into {n} equal blocks")
+    k = K // n
+    return dataclasses.replace(p, token_A=p.source_A // k, row_TK=p.row_TK.view(T * n, k),
+                               live_TK=p.live_TK.view(T * n, k), weight_TK=p.weight_TK.view(T * n, k))
 
 
 # 'auto': the fused Triton gathers (wider.moe.triton_kernels) on CUDA where Triton is installed, else torch ops;

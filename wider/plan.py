@@ -306,9 +306,10 @@ def block_activations(cfg: RunConfig, lay: Layout, moe_block: bool, rows: int) -
       the output projection's input (a T h / tp); fp32 LayerNorm statistics (8 T) and the flash kernel's
       log-sum-exp (4 T heads / tp).
     - dense FFN: second LayerNorm output (a T h), fc1 output and activation (2 a T f / tp; 5 with swiglu).
-    - MoE FFN (tp = 1): second LayerNorm output (a T h); the gathered expert rows (a R h), the expert hidden
-      layer and its activation (2 a R f_expert; 4 with swiglu), the combine's [T, k, h] expert outputs
-      (a T k h); router
+    - MoE FFN (tp = 1): second LayerNorm output (a T h); the expert hidden layer and its activation
+      (2 a R f_expert; 4 with swiglu); with ep > 1 also the gathered expert rows (a R h) and the expert
+      outputs on their way back (a T k h): at ep 1 the gather and the combine are fused into the grouped
+      GEMMs' autograd nodes, which keep neither (wider.moe.dispatch.gather_mm / mm_combine); router
       logits and probabilities in fp32 (8 T E), an fp32 copy of the router input under bf16 (4 T h), and the
       dispatch plan's indices and weights (37 T k: int64 ids, rows, sources and tokens, fp32 weights, bool).
     Sum for a dense block: a T (3h + 7h/tp + 2f/tp)."""
@@ -317,7 +318,9 @@ def block_activations(cfg: RunConfig, lay: Layout, moe_block: bool, rows: int) -
     out = {"attention": a * T * (2 * h + 7 * h // t) + 8 * T + 4 * T * (m.num_attention_heads // t)}
     if moe_block:
         k, E, f = m.moe_top_k, m.num_experts, m.expert_ffn_size
-        out["ffn"] = a * T * h + a * rows * h + hidden_factor(m, True) * a * rows * f + a * T * k * h
+        out["ffn"] = a * T * h + hidden_factor(m, True) * a * rows * f
+        if lay.ep > 1:
+            out["ffn"] += a * rows * h + a * T * k * h
         out["router"] = 8 * T * E + (4 * T * h if a != 4 else 0) + 37 * T * k
     else:
         out["ffn"] = a * T * h + hidden_factor(m, False) * a * T * m.ffn_size // t

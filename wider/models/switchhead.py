@@ -16,13 +16,15 @@ is ordinary attention whose values are scaled by a sigmoid gate of the source to
 are scaled by a sigmoid gate of the destination token.
 
 The V and O projections reuse the MoE family: one dispatch.plan over N = H * E experts in which each token
-makes H * K choices (head h's experts are global ids h * E ...; one grouped GEMM serves every head), then
-gather_tokens, experts.grouped_mm and dispatch.combine (capacity None: SwitchHead drops nothing). Nothing is
-copied per head: V's rows are gathered from x itself (a token's H * K assignments all read its x) and combined
-per (token, head) through dispatch.split_choices; O's rows are gathered per (token, head) through the same view
-and combined over all H * K assignments of a token, which is the sum over heads. (The first version laid the
-(token, head) pairs out as T * H rows and copied x once per head, T x H x D, before the V gather, and summed a
-T x H x D output for O; the same math, tests/test_moeut.py's loop reference checks both.)
+makes H * K choices (head h's experts are global ids h * E ...; one grouped GEMM serves every head), then the
+dispatch's gathers, grouped GEMMs and combines (capacity None: SwitchHead drops nothing). Nothing is copied per
+head: V's rows are gathered from x itself (a token's H * K assignments all read its x) and combined per (token,
+head) through dispatch.split_choices; O's rows are gathered per (token, head) through the same view and combined
+over all H * K assignments of a token, which is the sum over heads. Neither keeps a D-wide per-assignment tensor
+for the backward: V's gather and GEMM are one autograd node that keeps x (dispatch.gather_mm), O's GEMM and
+combine one that keeps the C-wide rows (dispatch.mm_combine). (The first version laid the (token, head) pairs
+out as T * H rows, copied x once per head, T x H x D, and kept T * H * K x D rows on each side; the same math,
+checked by tests/test_moeut.py's loop reference.)
 
 RoPE on part of each head's channels: MoEUT rotates half of them. 44M's d_head 82 would give 41, an odd count
 that rotary pairs cannot cover (the official module fails on that config, DESIGN 5.6): the default here is
@@ -66,7 +68,6 @@ from torch import nn
 
 from wider.models.attention import KVSlot, attend
 from wider.moe import dispatch
-from wider.moe.experts import grouped_mm
 from wider.moe.layer import CallRecord
 from wider.moe.router import router_entropy, row_normalised_normal_, sigmoid_topk
 
@@ -151,12 +152,6 @@ class SwitchHeadAttention(nn.Module):
         self.records.append(record)
         return p
 
-    def _experts(self, rows_YI: torch.Tensor, w_NIO: torch.Tensor, p: dispatch.Plan, read: dispatch.Plan,
-                 write: dispatch.Plan) -> torch.Tensor:
-        """The plan's assignments through their experts: inputs gathered from rows_YI by the `read` view of p, the
-        weighted outputs summed by the `write` view (p itself: per token; split_choices(p, H): per (token, head))."""
-        return dispatch.combine(grouped_mm(dispatch.gather_tokens(rows_YI, read), w_NIO, p.counts_E), write)
-
     def forward(self, x_SBD: torch.Tensor, z_SBD: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, cache: Optional[KVSlot] = None) -> torch.Tensor:
         S, B, D = x_SBD.shape
@@ -181,8 +176,9 @@ class SwitchHeadAttention(nn.Module):
         # V: the source token's choice, applied to the raw x: all H * K assignments of token t read x[t]; the
         # outputs sum per (token, head) -> [T * H, C].
         p_v = self._route(z_TD, self.sel_v_ND, "v", S, B)
-        v = heads(self._experts(x_TD, self.v_NDC, p_v, p_v, dispatch.split_choices(p_v, H))
-                  .to(x_TD.dtype).reshape(T, H * C))
+        # gather_mm keeps x_TD, not its T * H * K gathered rows, for the backward; the combine keeps the C-wide outputs.
+        v_YC = dispatch.combine(dispatch.gather_mm(x_TD, p_v, self.v_NDC), dispatch.split_choices(p_v, H))
+        v = heads(v_YC.to(x_TD.dtype).reshape(T, H * C))
 
         if cache is not None:
             k, v = cache.extend(k, v)  # [B, H, L, C]: every position so far
@@ -192,7 +188,8 @@ class SwitchHeadAttention(nn.Module):
         # H * K outputs sum into one row: the heads' sum.
         p_o = self._route(z_TD, self.sel_o_ND, "o", S, B)
         a_YC = a_BHSC.permute(2, 0, 1, 3).reshape(T * H, C)  # row t * H + h
-        out_TD = self._experts(a_YC, self.o_NCD, p_o, dispatch.split_choices(p_o, H), p_o)
+        # mm_combine keeps the C-wide gathered rows, not the D-wide expert outputs, for the backward.
+        out_TD = dispatch.mm_combine(dispatch.gather_tokens(a_YC, dispatch.split_choices(p_o, H)), self.o_NCD, p_o)
         return out_TD.to(x_SBD.dtype).view(S, B, D)
 
 def switchhead_params(hidden_size: int, num_heads: int, head_dim: int, num_experts: int,

@@ -43,8 +43,7 @@ def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor, 
     grouped_mm_supported, else the loop), 'grouped_mm' or 'loop' (the reference path: the same math, one
     matmul per expert)."""
     L, K, N = w_LKN.shape
-    if kernel == "auto":
-        kernel = "grouped_mm" if grouped_mm_supported(x_RK.device, x_RK.dtype, K, N) else "loop"
+    kernel = resolve_kernel(kernel, x_RK, K, N)
     if kernel == "grouped_mm":
         if L <= MAX_GROUPS:
             offs = torch.cumsum(counts_L, 0).to(torch.int32)
@@ -63,6 +62,32 @@ def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor, 
     parts = [p @ w_LKN[i].to(x_RK.dtype) for i, p in enumerate(torch.split(x_RK[:n], sizes))]
     tail = x_RK.new_zeros((x_RK.shape[0] - n, N))
     return torch.cat(parts + [tail]) if parts else tail
+
+
+def resolve_kernel(kernel: str, x: torch.Tensor, K: int, N: int) -> str:
+    """'auto' -> 'grouped_mm' where grouped_mm_supported, else 'loop'; other names pass through."""
+    if kernel != "auto":
+        return kernel
+    return "grouped_mm" if grouped_mm_supported(x.device, x.dtype, K, N) else "loop"
+
+
+def grouped_wgrad(x_RK: torch.Tensor, g_RN: torch.Tensor, counts_L: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    """The weight gradient of grouped_mm: out[i] = x_i^T g_i over row block i (counts_L[i] rows), [L, K, N]; rows
+    past sum(counts_L) are not read (they may hold anything). The same call torch's grouped_mm backward makes (a
+    2-D x 2-D grouped GEMM with the groups along the reduced dimension); 'loop': one matmul per expert."""
+    L, (R, K), N = counts_L.numel(), x_RK.shape, g_RN.shape[-1]
+    kernel = resolve_kernel(kernel, x_RK, K, N)
+    if kernel == "grouped_mm":
+        if L <= MAX_GROUPS:
+            return F.grouped_mm(x_RK.t(), g_RN, offs=torch.cumsum(counts_L, 0).to(torch.int32))
+        chunks = range(0, L, MAX_GROUPS)  # as grouped_mm: chunk boundaries read on the host
+        edges = [0] + torch.cumsum(counts_L, 0)[[c - 1 for c in chunks[1:]] + [L - 1]].tolist()
+        return torch.cat([grouped_wgrad(x_RK[a:b], g_RN[a:b], counts_L[c:c + MAX_GROUPS], kernel)
+                          for c, a, b in zip(chunks, edges[:-1], edges[1:])])
+    sizes = counts_L.tolist()
+    n = sum(sizes)
+    xs, gs = torch.split(x_RK[:n], sizes), torch.split(g_RN[:n], sizes)
+    return torch.stack([a.t() @ b for a, b in zip(xs, gs)]) if L else x_RK.new_zeros((0, K, N))
 
 
 class GroupedExperts(nn.Module):
@@ -100,13 +125,24 @@ class GroupedExperts(nn.Module):
         """x_RD: rows grouped by local expert (counts_L of each). Rows past sum(counts_L) are not computed:
         torch's grouped GEMM leaves them unwritten in its output and in its input gradient (stale memory), so
         callers must never read them (wider.moe.dispatch reads only kept rows, forward and backward)."""
-        h_RF = grouped_mm(x_RD, self.w1_LDF, counts_L, self.kernel)
+        return grouped_mm(self._activate(grouped_mm(x_RD, self.w1_LDF, counts_L, self.kernel)), self.w2_LFD,
+                          counts_L, self.kernel)
+
+    def forward_plan(self, x_TD: torch.Tensor, p) -> torch.Tensor:
+        """The experts on a dispatch.Plan's assignments of the tokens x_TD, weighted and summed per token (all
+        experts on this rank: moe.ep_size 1): the same math as combine(forward(gather_tokens(x_TD, p)), p), with
+        the gather fused into the first GEMM's autograd node and the combine into the second's (dispatch.gather_mm
+        / mm_combine), so neither R x D tensor is kept for the backward."""
+        from wider.moe import dispatch
+
+        h_RF = self._activate(dispatch.gather_mm(x_TD, p, self.w1_LDF, self.kernel))
+        return dispatch.mm_combine(h_RF, self.w2_LFD, p, self.kernel)
+
+    def _activate(self, h_RF: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
             value_RF, gate_RF = h_RF.chunk(2, dim=-1)
-            h_RF = F.silu(gate_RF) * value_RF
-        else:
-            h_RF = activation_fn(self.activation)(h_RF)
-        return grouped_mm(h_RF, self.w2_LFD, counts_L, self.kernel)
+            return F.silu(gate_RF) * value_RF
+        return activation_fn(self.activation)(h_RF)
 
 
 def activation_fn(name: str):

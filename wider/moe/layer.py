@@ -4,7 +4,9 @@ Shape suffixes: T tokens, D model width, E experts, L local experts, K choices, 
 R rows received by this rank's experts.
 
 router -> plan (capacity, sort by expert) -> gather rows -> [all-to-all over the EP group] -> grouped
-experts -> [all-to-all back] -> weighted index_add into the tokens.
+experts -> [all-to-all back] -> weighted sum into the tokens (dispatch.combine). On one expert-parallel rank the
+gather and the combine are fused into the two grouped GEMMs' autograd nodes (GroupedExperts.forward_plan), so
+the forward keeps neither k-fold copy of the tokens (R x D) for the backward.
 
 Why a subclass of `deepspeed.moe.layer.MoE` (DESIGN section 6): DeepSpeed 0.19.8's engine treats a model as
 MoE only when `isinstance(module, deepspeed.moe.layer.MoE)`. That sets `has_moe_layers`, which (1) makes
@@ -210,9 +212,12 @@ class MoE(_DeepSpeedMoE):
 
         ex = self.exchange()
         experts = self.deepspeed_moe.experts
+        if ex.ep_size == 1 and x_XD is None:
+            # Fixed shapes, no host synchronisation: all T*K rows are gathered; the grouped GEMMs compute only
+            # the kept ones (their offsets end at n_kept) and the combine reads only those. The gather and the
+            # combine are fused into the GEMMs' autograd nodes: no R x D tensor is kept for the backward.
+            return experts.forward_plan(x_TD, p)
         if ex.ep_size == 1:
-            # Fixed shapes, no host synchronisation: all T*K rows are gathered; the grouped GEMM computes only
-            # the kept ones (its offsets end at n_kept) and the combine reads only those.
             y_RD = experts(rows(None), p.counts_E)
         else:
             # all_to_all_single takes its split sizes as host integers: one synchronisation is unavoidable.

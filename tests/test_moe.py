@@ -118,14 +118,15 @@ def test_top2_drops_the_same_assignments_as_deepspeed(single_rank):
     torch.testing.assert_close(out_ours[one] / w_kept[one, None], out_ref[one], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("per_assignment", [False, True])
 @pytest.mark.parametrize("kernel", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("cap", [None, 3])
-def test_fused_expert_path_equals_the_composable_one_and_keeps_less(single_rank, kernel, cap):
+def test_fused_expert_path_equals_the_composable_one_and_keeps_less(single_rank, kernel, cap, per_assignment):
     """GroupedExperts.forward_plan (gather fused into the first GEMM's autograd node, combine into the second's:
     the ep_size-1 path) against combine(experts(gather_tokens(...))) (the expert-parallel path's pieces): the same
     output and gradients (x, both expert weights, the combine weights), with drops (cap 3: rows past n_kept are
     left unwritten by the GEMMs) and an expert nobody chose, and fewer bytes saved for the backward by at least
-    the two R x D tensors."""
+    the two R x D tensors. per_assignment: one input per (token, choice), x_XD (UMoE's mixed tokens)."""
     from wider.moe.experts import GroupedExperts
 
     torch.manual_seed(3)
@@ -137,7 +138,7 @@ def test_fused_expert_path_equals_the_composable_one_and_keeps_less(single_rank,
     ids = torch.randint(0, L - 1, (T, K))  # expert L - 1 gets nothing
     ids[:, 1] = (ids[:, 0] + 1) % (L - 1)
     logits = torch.randn(T, K, requires_grad=True)
-    x = torch.randn(T, D, requires_grad=True)
+    x = torch.randn(T * K if per_assignment else T, D, requires_grad=True)
     g = torch.randn(T, D)
     results, saved = [], []
     for fused in (True, False):
@@ -155,7 +156,11 @@ def test_fused_expert_path_equals_the_composable_one_and_keeps_less(single_rank,
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = ex.forward_plan(x, p) if fused else dispatch.combine(ex(dispatch.gather_tokens(x, p), p.counts_E), p)
+            if fused:
+                out = ex.forward_plan(None, p, x_XD=x) if per_assignment else ex.forward_plan(x, p)
+            else:
+                rows = dispatch.gather_assignments(x, p) if per_assignment else dispatch.gather_tokens(x, p)
+                out = dispatch.combine(ex(rows, p.counts_E), p)
         (out * g).sum().backward()
         results.append([out, x.grad, ex.w1_LDF.grad, ex.w2_LFD.grad, logits.grad])
         saved.append(sum(sizes.values()))

@@ -125,7 +125,7 @@ class PreMixingAttention(nn.Module):
         """B_i RMSNorm(A_i z) for every assignment: [T * K, C] in token-major order (grouped GEMMs over a dropless
         plan of the choices, then put back in token order)."""
         p = dispatch.plan(routing.expert_ids_TK, routing.weights_TK, self.num_experts, None)
-        h_AR = grouped_mm(dispatch.gather_tokens(z_TD, p), self.q_down_EDR, p.counts_E)
+        h_AR = dispatch.gather_mm(z_TD, p, self.q_down_EDR)  # keeps z_TD, not its K gathered copies
         h_AR = F.rms_norm(h_AR, (self.rank,), self.q_norm_R.to(h_AR.dtype), eps=self.config.layernorm_epsilon)
         return dispatch.scatter_to_assignments(grouped_mm(h_AR, self.q_up_ERC, p.counts_E), p)
 

@@ -240,30 +240,40 @@ class _GatherMM(torch.autograd.Function):
     per call (at top-16 of MoEUT-244M's sigma-MoE, R x D is 16 copies of the layer input)."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_LDN, token_R, counts_L, row_TK, live_TK, kernel):
-        ctx.save_for_backward(x_TD, w_LDN, token_R, counts_L, row_TK, live_TK)
-        ctx.kernel = kernel
-        return grouped_mm(x_TD.index_select(0, token_R), w_LDN, counts_L, kernel)
+    def forward(ctx, x_TD, w_LDN, index_R, counts_L, row_TK, live_TK, kernel, per_assignment):
+        ctx.save_for_backward(x_TD, w_LDN, index_R, counts_L, row_TK, live_TK)
+        ctx.kernel, ctx.per_assignment = kernel, per_assignment
+        return grouped_mm(x_TD.index_select(0, index_R), w_LDN, counts_L, kernel)
 
     @staticmethod
     def backward(ctx, g_RN):
-        x_TD, w_LDN, token_R, counts_L, row_TK, live_TK = ctx.saved_tensors
+        x_TD, w_LDN, index_R, counts_L, row_TK, live_TK = ctx.saved_tensors
         g_x = g_w = None
         if ctx.needs_input_grad[0]:
-            # Rows past n_kept are unwritten in g_x_RD; _sum_rows reads only kept rows (dropped -> row 0, weight 0).
+            # Rows past n_kept are unwritten in g_x_RD; only kept rows are read (dropped -> row 0, masked).
             g_x_RD = grouped_mm(g_RN, w_LDN.transpose(1, 2), counts_L, ctx.kernel)
-            g_x = _sum_rows(g_x_RD, row_TK, None if live_TK is None else live_TK.float()).to(x_TD.dtype)
+            if ctx.per_assignment:  # as _GatherAssignments: a permutation back to token-major order
+                g_x = g_x_RD.index_select(0, row_TK.reshape(-1))
+                if live_TK is not None:
+                    g_x = g_x * live_TK.reshape(-1, 1).to(g_x.dtype)
+            else:
+                g_x = _sum_rows(g_x_RD, row_TK, None if live_TK is None else live_TK.float()).to(x_TD.dtype)
         if ctx.needs_input_grad[1]:
-            g_w = grouped_wgrad(x_TD.index_select(0, token_R), g_RN, counts_L, ctx.kernel)
-        return g_x, g_w, None, None, None, None, None
+            g_w = grouped_wgrad(x_TD.index_select(0, index_R), g_RN, counts_L, ctx.kernel)
+        return g_x, g_w, None, None, None, None, None, None
 
 
-def gather_mm(x_TD: torch.Tensor, p: Plan, w_LDN: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+def gather_mm(x_TD: Optional[torch.Tensor], p: Plan, w_LDN: torch.Tensor, kernel: str = "auto",
+              x_XD: Optional[torch.Tensor] = None) -> torch.Tensor:
     """grouped_mm(gather_tokens(x_TD, p), w_LDN, p.counts_E) for all A rows of a plan on one rank (rows past n_kept
-    not computed), without keeping the gathered rows for the backward."""
-    w = w_LDN.to(x_TD.dtype)
-    kernel = resolve_kernel(kernel, x_TD, *w.shape[1:])
-    return _GatherMM.apply(x_TD, w, p.token_A, p.counts_E, p.row_TK, None if p.dropless else p.live_TK, kernel)
+    not computed), without keeping the gathered rows for the backward. x_XD instead of x_TD: one input per
+    assignment, as gather_assignments (UMoE's mixed tokens)."""
+    x = x_TD if x_XD is None else x_XD
+    w = w_LDN.to(x.dtype)
+    kernel = resolve_kernel(kernel, x, *w.shape[1:])
+    index_R = p.token_A if x_XD is None else p.source_A
+    return _GatherMM.apply(x, w, index_R, p.counts_E, p.row_TK, None if p.dropless else p.live_TK, kernel,
+                           x_XD is not None)
 
 
 class _MMCombine(torch.autograd.Function):

@@ -128,14 +128,15 @@ class GroupedExperts(nn.Module):
         return grouped_mm(self._activate(grouped_mm(x_RD, self.w1_LDF, counts_L, self.kernel)), self.w2_LFD,
                           counts_L, self.kernel)
 
-    def forward_plan(self, x_TD: torch.Tensor, p) -> torch.Tensor:
-        """The experts on a dispatch.Plan's assignments of the tokens x_TD, weighted and summed per token (all
-        experts on this rank: moe.ep_size 1): the same math as combine(forward(gather_tokens(x_TD, p)), p), with
-        the gather fused into the first GEMM's autograd node and the combine into the second's (dispatch.gather_mm
-        / mm_combine), so neither R x D tensor is kept for the backward."""
+    def forward_plan(self, x_TD, p, x_XD=None) -> torch.Tensor:
+        """The experts on a dispatch.Plan's assignments of the tokens x_TD (or of per-assignment inputs x_XD
+        [T * K, D], token-major), weighted and summed per token (all experts on this rank: moe.ep_size 1): the same
+        math as combine(forward(gather_tokens(x_TD, p)), p), with the gather fused into the first GEMM's autograd
+        node and the combine into the second's (dispatch.gather_mm / mm_combine), so neither R x D tensor is
+        kept for the backward."""
         from wider.moe import dispatch
 
-        h_RF = self._activate(dispatch.gather_mm(x_TD, p, self.w1_LDF, self.kernel))
+        h_RF = self._activate(dispatch.gather_mm(x_TD, p, self.w1_LDF, self.kernel, x_XD=x_XD))
         return dispatch.mm_combine(h_RF, self.w2_LFD, p, self.kernel)
 
     def _activate(self, h_RF: torch.Tensor) -> torch.Tensor:

@@ -207,24 +207,18 @@ class MoE(_DeepSpeedMoE):
         if (x_TD is None) == (x_XD is None):
             raise ValueError("run_experts takes exactly one of x_TD (per-token inputs) and x_XD (per-assignment inputs)")
 
-        def rows(n: Optional[int]) -> torch.Tensor:
-            return dispatch.gather_tokens(x_TD, p, n) if x_XD is None else dispatch.gather_assignments(x_XD, p, n)
-
         ex = self.exchange()
         experts = self.deepspeed_moe.experts
-        if ex.ep_size == 1 and x_XD is None:
+        if ex.ep_size == 1:
             # Fixed shapes, no host synchronisation: all T*K rows are gathered; the grouped GEMMs compute only
             # the kept ones (their offsets end at n_kept) and the combine reads only those. The gather and the
             # combine are fused into the GEMMs' autograd nodes: no R x D tensor is kept for the backward.
-            return experts.forward_plan(x_TD, p)
-        if ex.ep_size == 1:
-            y_RD = experts(rows(None), p.counts_E)
-        else:
-            # all_to_all_single takes its split sizes as host integers: one synchronisation is unavoidable.
-            n_kept = int(p.counts_E.sum())
-            x_RD, counts_L, state = ex.send(rows(n_kept), p.counts_E)
-            y_RD = ex.back(experts(x_RD, counts_L), state)
-        return dispatch.combine(y_RD, p)
+            return experts.forward_plan(x_TD, p, x_XD=x_XD)
+        # all_to_all_single takes its split sizes as host integers: one synchronisation is unavoidable.
+        n_kept = int(p.counts_E.sum())
+        rows = dispatch.gather_tokens(x_TD, p, n_kept) if x_XD is None else dispatch.gather_assignments(x_XD, p, n_kept)
+        x_RD, counts_L, state = ex.send(rows, p.counts_E)
+        return dispatch.combine(ex.back(experts(x_RD, counts_L), state), p)
 
     def record(self, routing, p: dispatch.Plan, token_shape: tuple, router_name: str = "") -> torch.Tensor:
         """Append this call's CallRecord (under `router_name`) and return its weighted aux loss. token_shape: the

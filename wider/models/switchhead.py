@@ -192,6 +192,7 @@ class SwitchHeadAttention(nn.Module):
         out_TD = dispatch.mm_combine(dispatch.gather_tokens(a_YC, dispatch.split_choices(p_o, H)), self.o_NCD, p_o)
         return out_TD.to(x_SBD.dtype).view(S, B, D)
 
+
 def switchhead_params(hidden_size: int, num_heads: int, head_dim: int, num_experts: int,
                       top_k: int) -> tuple[int, int]:
     """(all parameters, those one token applies) of one SwitchHead, norms excluded: dense Q and K (2 D H C), V

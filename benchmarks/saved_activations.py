@@ -24,7 +24,7 @@ def saved_bytes(name: str, vocab: int, tokens: int) -> tuple[int, int]:
     """(activation bytes kept for the backward, parameters) of preset `name` on one sequence of `tokens`."""
     import torch
 
-    from wider import presets
+    from wider import plan, presets
     from wider.models import ARCHITECTURES
     from wider.moe.settings import MoESettings
 
@@ -33,18 +33,9 @@ def saved_bytes(name: str, vocab: int, tokens: int) -> tuple[int, int]:
     model = ARCHITECTURES[cfg.model.arch].build(cfg, vocab, False,
                                                 MoESettings(capacity_factor=None, eval_capacity_factor=None))
     model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in params:
-            kept[key] = t.untyped_storage().nbytes()
-        return t
-
     tok = torch.randint(0, vocab, (1, tokens))
     pos = torch.arange(tokens).unsqueeze(0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with plan.kept_for_backward(model.parameters()) as kept:
         model(tok, pos, None, labels=tok)
     return sum(kept.values()), sum(p.numel() for p in model.parameters())
 

@@ -127,6 +127,7 @@ def test_fused_expert_path_equals_the_composable_one_and_keeps_less(single_rank,
     output and gradients (x, both expert weights, the combine weights), with drops (cap 3: rows past n_kept are
     left unwritten by the GEMMs) and an expert nobody chose, and fewer bytes saved for the backward by at least
     the two R x D tensors. per_assignment: one input per (token, choice), x_XD (UMoE's mixed tokens)."""
+    from wider import plan
     from wider.moe.experts import GroupedExperts
 
     torch.manual_seed(3)
@@ -145,17 +146,8 @@ def test_fused_expert_path_equals_the_composable_one_and_keeps_less(single_rank,
         ex.zero_grad(), x.grad.zero_() if x.grad is not None else None
         logits.grad = None
         p = dispatch.plan(ids, torch.sigmoid(logits), L, cap)
-        # Activation memory kept for the backward: distinct storages, not counting the weights and the input
-        # (which live anyway).
-        live = {t.untyped_storage().data_ptr() for t in (x, ex.w1_LDF, ex.w2_LFD)}
-        sizes = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in live:
-                sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        # Activation memory kept for the backward: not counting the weights and the input (which live anyway).
+        with plan.kept_for_backward((x, ex.w1_LDF, ex.w2_LFD)) as sizes:
             if fused:
                 out = ex.forward_plan(None, p, x_XD=x) if per_assignment else ex.forward_plan(x, p)
             else:

@@ -220,21 +220,14 @@ def _saved_bytes(model, T_shape, V):
     """Bytes of the distinct storages autograd keeps for the backward of one forward (parameters excluded)."""
     import torch
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen.setdefault(st.data_ptr(), st.nbytes())
-        return t
+    from wider import plan
 
     b, s = T_shape
     tokens, labels = torch.randint(0, V, (b, s)), torch.randint(0, V, (b, s))
     pos = torch.arange(s).unsqueeze(0).expand(b, s)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with plan.kept_for_backward(model.parameters()) as kept:
         model(tokens, pos, None, labels=labels)
-    return sum(seen.values())
+    return sum(kept.values())
 
 
 BUILT = ["--num-layers", "3", "--hidden-size", "192", "--num-attention-heads", "4", "--ffn-hidden-size", "384",

@@ -68,6 +68,7 @@ torch.cuda.max_memory_allocated over the memory held before the model was built.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -326,6 +327,27 @@ def block_activations(cfg: RunConfig, lay: Layout, moe_block: bool, rows: int) -
         out["ffn"] = a * T * h + hidden_factor(m, False) * a * T * m.ffn_size // t
     out["total"] = sum(out.values())
     return out
+
+
+@contextlib.contextmanager
+def kept_for_backward(exclude=()):
+    """Count what autograd keeps for the backward inside the block: yields {storage address: bytes} of the distinct
+    storages saved, leaving out those of the tensors in `exclude` (parameters, inputs: memory that exists anyway).
+    sum(d.values()) is the activation memory the formulas above estimate (tests/test_plan.py checks them with it;
+    benchmarks/saved_activations.py reports it)."""
+    import torch
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    kept: dict = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            kept.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield kept
 
 
 def activations(cfg: RunConfig, lay: Layout, moe, recompute: str) -> dict:

@@ -17,6 +17,9 @@ cd "$(dirname "$0")"
 ROOT=$PWD
 VENV=$ROOT/.venv
 PY=$VENV/bin/python
+# torch JIT extensions (DeepSpeed's CPU shm op) build inside the venv, not in ~/.cache: a fresh clone never
+# waits on a lock that a build killed in another checkout left there (wider/parallel.py, clear_stale_build_lock).
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}
 DEFAULT_PRESET=widenet_smoke
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
@@ -49,9 +52,10 @@ setup() {
   if ! has_gpu; then
     # DeepSpeed compiles a shared-memory communication op with g++ at first use on CPU (about a minute):
     # do it now, once, rather than inside the first run or test.
+    # Bounded: a build that hangs fails the set-up here, with its name, instead of every later run.
     echo "[wider] building DeepSpeed's CPU communication op (once)"
-    "$PY" -W ignore -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
-      >/dev/null 2>&1 || echo "[wider] note: DeepSpeed's shm op did not build; gloo is used without it"
+    timeout 1200 "$PY" -W ignore -c "from wider.parallel import build_cpu_comm_op; build_cpu_comm_op()" \
+      || echo "[wider] note: building DeepSpeed's shm op failed or took over 20 minutes; gloo is used without it"
   fi
   echo "$want" > "$stamp"
 }
@@ -90,7 +94,9 @@ except ValueError as e: sys.exit(f'error: {e}')" "$preset")
 cmd=${1:-$DEFAULT_PRESET}
 case "$cmd" in
   -h|--help|help) setup; usage ;;
-  test) shift; setup; export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; exec "$PY" -m pytest -q tests "$@" ;;
+  # Unbuffered: a CI log cut off by a time limit still shows the tests that ran.
+  test) shift; setup; export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
+        exec "$PY" -m pytest -q tests "$@" ;;
   tensorboard) shift; setup; exec "$VENV/bin/tensorboard" --logdir runs --port "${WIDER_TB_PORT:-6006}" --bind_all "$@" ;;
   info) shift; setup; exec "$PY" -W ignore -m wider.info --preset "$@" ;;
   prepare) shift; setup; prepare_embedded ;;

@@ -33,6 +33,59 @@ class Layout:
         return self.rank == 0
 
 
+# DeepSpeed JIT-builds its CPU shared-memory all-reduce op (deepspeed_shm_comm) on first use, under a torch
+# FileBaton: a `lock` file created with O_EXCL and removed when the build ends. A build killed midway (Ctrl-C
+# in the first run, a test timeout) leaves the file behind, and every later process then waits on it for ever
+# with no output (torch 2.13's FileBaton.wait has no timeout). A build takes one to three minutes on 2 cores,
+# so a lock older than this is orphaned.
+STALE_BUILD_LOCK_S = 900
+
+
+def clear_stale_build_lock(name: str = "deepspeed_shm_comm", max_age_s: float = STALE_BUILD_LOCK_S) -> str | None:
+    """Remove the JIT build lock of torch extension `name` if it is older than `max_age_s` (orphaned by a killed
+    build); returns the path removed, or None. A fresh lock is left alone: another process is building."""
+    import sys
+    import time
+
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:  # torch's own default, as cpp_extension._get_build_directory computes it (without creating it)
+        accel = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
+        root = os.path.join(cpp_extension.get_default_build_root(),
+                            f"py{sys.version_info.major}{sys.version_info.minor}_{accel}")
+    lock = os.path.join(root, name, "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return None
+    if age < max_age_s:
+        return None
+    try:
+        os.remove(lock)
+    except FileNotFoundError:  # another rank removed it first
+        return None
+    print(f"[wider] removed {lock}: a build of {name} killed {age / 60:.0f} minutes ago left it, and torch would "
+          "wait on it for ever; the op is rebuilt now", flush=True)
+    return lock
+
+
+def build_cpu_comm_op() -> bool:
+    """Build (or load the cached) DeepSpeed CPU shm communication op now, clearing an orphaned lock first;
+    run.sh's set-up calls it so the first run or test does not pay for the build. False if it cannot build
+    (gloo then runs without it)."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    clear_stale_build_lock(ShareMemCommBuilder.NAME)
+    try:
+        ShareMemCommBuilder().load(verbose=False)
+    except Exception as e:  # a missing compiler, say: DeepSpeed falls back to plain gloo
+        print(f"[wider] note: DeepSpeed's shm op did not build ({type(e).__name__}: {e}); gloo is used without it",
+              flush=True)
+        return False
+    return True
+
+
 def init_distributed(tensor_parallel: int = 1, timeout_s: int = 1800) -> Layout:
     """Join the process group the launcher set up (env:// variables), or a one-rank group when started
     without a launcher, then build megatron's tensor/data-parallel groups. gloo on CPU, nccl on GPU."""
@@ -46,6 +99,8 @@ def init_distributed(tensor_parallel: int = 1, timeout_s: int = 1800) -> Layout:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        if not cuda:  # DeepSpeed builds or loads its CPU shm op inside init_distributed
+            clear_stale_build_lock()
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")

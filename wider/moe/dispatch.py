@@ -143,12 +143,25 @@ def _sum_rows(src_RD: torch.Tensor, row_TK: torch.Tensor, w_TK: Optional[torch.T
     return torch.bmm(w_TK.to(src_RD.dtype).unsqueeze(1), src_TKD).squeeze(1)
 
 
+def _token_grad(g_RD: torch.Tensor, row_TK: torch.Tensor, live_TK: Optional[torch.Tensor]) -> torch.Tensor:
+    """Gradient of a per-token gather (x_TD -> rows): each token's is the sum of its kept rows, read through
+    row_TK, so no atomic adds. Dropped assignments are excluded (weight 0): they point at row 0, and the rows behind
+    n_kept hold whatever the grouped GEMM left unwritten in its input gradient."""
+    return _sum_rows(g_RD, row_TK, None if live_TK is None else live_TK.float())
+
+
+def _assignment_grad(g_RD: torch.Tensor, row_TK: torch.Tensor, live_TK: Optional[torch.Tensor]) -> torch.Tensor:
+    """Gradient of a per-assignment gather (x_XD -> rows): each assignment's is its row's, read through row_TK (a
+    permutation of the kept rows) back into token-major order; dropped assignments get zero (row 0, masked)."""
+    g_XD = g_RD.index_select(0, row_TK.reshape(-1))
+    if live_TK is not None:
+        g_XD = g_XD * live_TK.reshape(-1, 1).to(g_XD.dtype)
+    return g_XD
+
+
 class _GatherTokens(torch.autograd.Function):
     """x_TD -> x_RD: row r holds token token_R[r] (each token once per kept choice, grouped by expert).
-
-    Backward without atomic adds: each token's gradient is the sum of its kept rows, read through row_TK.
-    Dropped assignments are excluded (weight 0): they point at row 0, and the rows behind n_kept hold whatever
-    the grouped GEMM left unwritten in its input gradient."""
+    Backward: _token_grad."""
 
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, token_R: torch.Tensor, row_TK: torch.Tensor, live_TK: Optional[torch.Tensor]):
@@ -157,8 +170,7 @@ class _GatherTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_RD: torch.Tensor):
-        row_TK, live_TK = ctx.saved_tensors
-        return _sum_rows(g_RD, row_TK, None if live_TK is None else live_TK.float()), None, None, None
+        return _token_grad(g_RD, *ctx.saved_tensors), None, None, None
 
 
 def gather_tokens(x_TD: torch.Tensor, p: Plan, num_rows: Optional[int] = None) -> torch.Tensor:
@@ -170,10 +182,7 @@ def gather_tokens(x_TD: torch.Tensor, p: Plan, num_rows: Optional[int] = None) -
 class _GatherAssignments(torch.autograd.Function):
     """x_XD -> x_RD where X = T * K rows, one per assignment in token-major order (t * K + k): row r holds
     assignment source_R[r]. Used when every assignment has its own input (UMoE's pre-mixing attention: choice k
-    of token t feeds expert k the token mixed by that expert's own query).
-
-    Backward without atomic adds: each assignment's gradient is its row's, read through row_TK (a permutation of
-    the kept rows); dropped assignments get zero (they point at row 0, a kept row, and are masked)."""
+    of token t feeds expert k the token mixed by that expert's own query). Backward: _assignment_grad."""
 
     @staticmethod
     def forward(ctx, x_XD: torch.Tensor, source_R: torch.Tensor, row_TK: torch.Tensor, live_TK: Optional[torch.Tensor]):
@@ -182,11 +191,7 @@ class _GatherAssignments(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_RD: torch.Tensor):
-        row_TK, live_TK = ctx.saved_tensors
-        g_XD = g_RD.index_select(0, row_TK.reshape(-1))
-        if live_TK is not None:
-            g_XD = g_XD * live_TK.reshape(-1, 1).to(g_XD.dtype)
-        return g_XD, None, None, None
+        return _assignment_grad(g_RD, *ctx.saved_tensors), None, None, None
 
 
 def gather_assignments(x_XD: torch.Tensor, p: Plan, num_rows: Optional[int] = None) -> torch.Tensor:
@@ -252,12 +257,7 @@ class _GatherMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Rows past n_kept are unwritten in g_x_RD; only kept rows are read (dropped -> row 0, masked).
             g_x_RD = grouped_mm(g_RN, w_LDN.transpose(1, 2), counts_L, ctx.kernel)
-            if ctx.per_assignment:  # as _GatherAssignments: a permutation back to token-major order
-                g_x = g_x_RD.index_select(0, row_TK.reshape(-1))
-                if live_TK is not None:
-                    g_x = g_x * live_TK.reshape(-1, 1).to(g_x.dtype)
-            else:
-                g_x = _sum_rows(g_x_RD, row_TK, None if live_TK is None else live_TK.float()).to(x_TD.dtype)
+            g_x = (_assignment_grad if ctx.per_assignment else _token_grad)(g_x_RD, row_TK, live_TK).to(x_TD.dtype)
         if ctx.needs_input_grad[1]:
             g_w = grouped_wgrad(x_TD.index_select(0, index_R), g_RN, counts_L, ctx.kernel)
         return g_x, g_w, None, None, None, None, None, None

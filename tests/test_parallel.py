@@ -49,10 +49,10 @@ def test_run_after_a_killed_op_build_goes_on(data_args, tmp_path):
     import time
 
     import torch
-    from torch.utils import cpp_extension
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(cpp_extension.get_default_build_root(), "py311_cpu")
-    built = os.path.join(root, "deepspeed_shm_comm")
+    from wider.parallel import extension_build_dir
+
+    built = extension_build_dir("deepspeed_shm_comm")
     if torch.cuda.is_available() or not os.path.exists(os.path.join(built, "deepspeed_shm_comm.so")):
         pytest.skip("needs DeepSpeed's CPU shm op built (run.sh's set-up builds it) and no GPU")
     ext = tmp_path / "ext"

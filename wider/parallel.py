@@ -41,20 +41,27 @@ class Layout:
 STALE_BUILD_LOCK_S = 900
 
 
-def clear_stale_build_lock(name: str = "deepspeed_shm_comm", max_age_s: float = STALE_BUILD_LOCK_S) -> str | None:
-    """Remove the JIT build lock of torch extension `name` if it is older than `max_age_s` (orphaned by a killed
-    build); returns the path removed, or None. A fresh lock is left alone: another process is building."""
+def extension_build_dir(name: str) -> str:
+    """Where torch JIT-builds extension `name`: $TORCH_EXTENSIONS_DIR/name, else torch's default, as
+    cpp_extension._get_build_directory computes it (without creating it)."""
     import sys
-    import time
 
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:  # torch's own default, as cpp_extension._get_build_directory computes it (without creating it)
+    if root is None:
         accel = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
         root = os.path.join(cpp_extension.get_default_build_root(),
                             f"py{sys.version_info.major}{sys.version_info.minor}_{accel}")
-    lock = os.path.join(root, name, "lock")
+    return os.path.join(root, name)
+
+
+def clear_stale_build_lock(name: str = "deepspeed_shm_comm", max_age_s: float = STALE_BUILD_LOCK_S) -> str | None:
+    """Remove the JIT build lock of torch extension `name` if it is older than `max_age_s` (orphaned by a killed
+    build); returns the path removed, or None. A fresh lock is left alone: another process is building."""
+    import time
+
+    lock = os.path.join(extension_build_dir(name), "lock")
     try:
         age = time.time() - os.path.getmtime(lock)
     except OSError:
@@ -65,8 +72,8 @@ def clear_stale_build_lock(name: str = "deepspeed_shm_comm", max_age_s: float = 
         os.remove(lock)
     except FileNotFoundError:  # another rank removed it first
         return None
-    print(f"[wider] removed {lock}: a build of {name} killed {age / 60:.0f} minutes ago left it, and torch would "
-          "wait on it for ever; the op is rebuilt now", flush=True)
+    print(f"[wider] removed {lock}: a build of {name} that stopped {age / 60:.0f} minutes ago left it, and torch "
+          "would wait on it for ever; the op is built (or its finished build loaded) now", flush=True)
     return lock
 
 

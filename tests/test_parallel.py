@@ -33,7 +33,7 @@ def test_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert clear_stale_build_lock("op") is None  # no build dir, no lock
     lock = tmp_path / "op" / "lock"
-    lock.parent.mkdir()
+    lock.parent.mkdir(exist_ok=True)
     lock.touch()
     assert clear_stale_build_lock("op") is None and lock.exists()  # a build running now
     old = time.time() - STALE_BUILD_LOCK_S - 60

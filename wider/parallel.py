@@ -42,18 +42,11 @@ STALE_BUILD_LOCK_S = 900
 
 
 def extension_build_dir(name: str) -> str:
-    """Where torch JIT-builds extension `name`: $TORCH_EXTENSIONS_DIR/name, else torch's default, as
-    cpp_extension._get_build_directory computes it (without creating it)."""
-    import sys
-
+    """Where torch JIT-builds extension `name` ($TORCH_EXTENSIONS_DIR/name, else torch's default): torch's own
+    computation, private but the one its build uses (it creates the directory, as the build would)."""
     from torch.utils import cpp_extension
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:
-        accel = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
-        root = os.path.join(cpp_extension.get_default_build_root(),
-                            f"py{sys.version_info.major}{sys.version_info.minor}_{accel}")
-    return os.path.join(root, name)
+    return cpp_extension._get_build_directory(name, verbose=False)
 
 
 def clear_stale_build_lock(name: str = "deepspeed_shm_comm", max_age_s: float = STALE_BUILD_LOCK_S) -> str | None:

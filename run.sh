@@ -27,7 +27,7 @@ has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>
 setup() {
   local stamp=$VENV/.wider-setup
   local want
-  want=$(cat requirements.txt run.sh | sha256sum | cut -c1-16)
+  want=$(cat requirements.txt pyproject.toml run.sh | sha256sum | cut -c1-16)
   if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then return 0; fi
   echo "[wider] setting up $VENV (first use or requirements changed)"
   local base=${WIDER_PYTHON:-$(command -v python3.11 || command -v python3)}
@@ -43,12 +43,17 @@ setup() {
       "$PY" -m pip install -q "$torch_pin" --index-url "${WIDER_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
   fi
   "$PY" -m pip install -q -r requirements.txt 2>&1 | grep -v "is ignored" || true
-  "$PY" -c "import torch, deepspeed, megatron.core, sentencepiece, tensorboard, lm_eval" 2>/dev/null || {
-    echo "[wider] set-up failed: the packages in requirements.txt do not import; see the pip output above" >&2
+  # wider itself (with patches/ and data_prep/), editable: the recipes, tools and tests import it from any
+  # directory. No build isolation and no dependencies: setuptools and the pins above are already in the venv.
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "is ignored" || true
+  "$PY" -c "import torch, deepspeed, megatron.core, sentencepiece, tensorboard, lm_eval, wider, patches, data_prep" \
+    2>/dev/null || {
+    echo "[wider] set-up failed: the packages of requirements.txt or wider itself do not import; see the pip" \
+      "output above" >&2
     exit 1; }
   # `lm_eval --model wider ...`: lm-eval 0.4.13 has no plugin discovery, so a one-line .pth in the venv registers
   # the model when lm-eval loads its own (wider/eval/lm_eval_hook.py and wider/eval/harness.py say why).
-  "$PY" wider/eval/lm_eval_hook.py install
+  "$PY" -m wider.eval.lm_eval_hook install
   if ! has_gpu; then
     # DeepSpeed compiles a shared-memory communication op with g++ at first use on CPU (about a minute):
     # do it now, once, rather than inside the first run or test.

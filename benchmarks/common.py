@@ -1,5 +1,6 @@
 """What every benchmark does first: pick the device, quiet the libraries, and set up one rank (megatron's
-parallel state, DeepSpeed's expert groups for ep_size 1), so that MoE layers and models build as in training."""
+parallel state), so that MoE layers and models build as in training. The benchmarks are scripts
+(`python benchmarks/moe_layer.py ...`): they import this file as a sibling module and wider as an installed package."""
 
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ def start(cpu: bool) -> torch.device:
     warnings.filterwarnings("ignore")
     import patches
     from wider import parallel
-    from wider.moe.layer import ensure_expert_groups
 
     patches.apply_defaults()
     parallel.init_distributed(1)
-    ensure_expert_groups(1)
     return torch.device("cuda" if cuda else "cpu")

@@ -14,16 +14,13 @@ the router and the dispatch are overhead; "vs dense" is the ratio of TFLOP/s to 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import start  # noqa: E402
+from common import start  # benchmarks/common.py (scripts run from this directory)
 
 GPU_SHAPES = [(1024, 8, 2, 4096), (1024, 64, 8, 512), (1024, 128, 16, 256), (2048, 16, 2, 8192)]
 CPU_SHAPES = [(256, 8, 2, 1024), (256, 64, 8, 128), (256, 128, 16, 64), (512, 16, 2, 2048)]
@@ -64,21 +61,20 @@ def dense_ffn(d: int, width: int):
 
 
 def ours(d: int, E: int, k: int, de: int, cf):
+    from wider.moe.config import MoEConfig
     from wider.moe.layer import MoE
     from wider.moe.settings import MoESettings
 
-    return MoE(d, E, k, de, MoESettings(capacity_factor=cf, eval_capacity_factor=cf, min_capacity=0,
-                                        aux_loss_weight=0.01))
+    settings = MoESettings(capacity_factor=cf, eval_capacity_factor=cf, min_capacity=0, aux_loss_weight=0.01)
+    return MoE(MoEConfig(hidden_size=d, num_experts=E, top_k=k, ffn_size=de, settings=settings))
 
 
 def eager_routing(m, xi):
-    from wider.moe import layer
+    from wider.moe.config import MoEConfig
+    from wider.moe.layer import reconfigured
 
-    layer.COMPILE_ROUTING = False
-    try:
+    with reconfigured(m, MoEConfig.eager):
         return m(xi)[0]
-    finally:
-        layer.COMPILE_ROUTING = True
 
 
 def deepspeed_stock(d: int, E: int, k: int, de: int):

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import start  # noqa: E402
-from benchmarks.moe_layer import CPU_SHAPES, GPU_SHAPES, ours, time_fwd_bwd  # noqa: E402
+from common import start  # benchmarks/common.py (scripts run from this directory)
+from moe_layer import CPU_SHAPES, GPU_SHAPES, ours, time_fwd_bwd
 
 # Kernel-name fragments -> category (first match wins; names differ between CPU ops and CUDA kernels, so both
 # the aten op names and kernel substrings are listed).

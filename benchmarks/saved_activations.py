@@ -14,24 +14,21 @@ longer keeps. Figures are in benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def saved_bytes(name: str, vocab: int, tokens: int) -> tuple[int, int]:
     """(activation bytes kept for the backward, parameters) of preset `name` on one sequence of `tokens`."""
     import torch
 
-    from wider import plan, presets
+    from wider import memory_plan as plan, presets
     from wider.models import ARCHITECTURES
+    from wider.moe.config import MoERuntime
     from wider.moe.settings import MoESettings
 
     cfg = presets.get(name)
     torch.manual_seed(0)
     model = ARCHITECTURES[cfg.model.arch].build(cfg, vocab, False,
-                                                MoESettings(capacity_factor=None, eval_capacity_factor=None))
+                                                MoERuntime(MoESettings(capacity_factor=None, eval_capacity_factor=None)))
     model.train()
     tok = torch.randint(0, vocab, (1, tokens))
     pos = torch.arange(tokens).unsqueeze(0)

@@ -22,16 +22,13 @@ dense: 989) and shown on GPU only.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import start  # noqa: E402
+from common import start  # benchmarks/common.py (scripts run from this directory)
 
 
 class StockMoEMLP(torch.nn.Module):
@@ -55,20 +52,22 @@ class StockMoEMLP(torch.nn.Module):
 def build(kind: str, obvious: bool, cfg, vocab: int, bf16: bool):
     """(model, training FLOPs per token)."""
     from wider.models import ARCHITECTURES, training_flops_per_token
+    from wider.moe.config import MoERuntime
     from wider.moe.settings import MoESettings
 
     m = cfg.model
     count = ARCHITECTURES[m.arch].count(cfg, vocab)
-    model = ARCHITECTURES[m.arch].build(cfg, vocab, bf16, MoESettings(capacity_factor=None, eval_capacity_factor=None))
+    model = ARCHITECTURES[m.arch].build(cfg, vocab, bf16,
+                                        MoERuntime(MoESettings(capacity_factor=None, eval_capacity_factor=None)))
     if obvious:
         from wider.models.gpt_moe import MoEMLP
-        from wider.models.widenet import _point_at
+        from wider.models.widenet import point_at_shared
 
         stock = lambda: StockMoEMLP(None, m.hidden_size, m.num_experts, m.moe_top_k, m.expert_ffn_size)
         if kind == "widenet":  # one stock MoE, shared by every block like ours
             model.decoder.shared_moe = stock()
             for layer in model.decoder.layers:
-                _point_at(layer, "mlp", model.decoder.shared_moe)
+                point_at_shared(layer, "mlp", model.decoder.shared_moe)
         else:
             for layer in model.decoder.layers:
                 if isinstance(layer.mlp, MoEMLP):

@@ -117,8 +117,3 @@ def iter_documents(paths: list[str], json_key: str = "text", text_mode: str = "f
             yield from _iter_parquet(path, json_key)
         else:
             yield from _iter_text(path, text_mode)
-
-
-def input_bytes(paths: list[str]) -> int:
-    """Size on disk of the inputs (for a progress bar in bytes when documents cannot be counted cheaply)."""
-    return sum(os.path.getsize(p) for p in expand_inputs(paths))

@@ -12,7 +12,6 @@ OUT/stamp.json records the corpus SHA-256 and the settings; a second call with t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import lzma
 import os
@@ -20,21 +19,14 @@ import random
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: make `data_prep` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_prep.preprocess_data import preprocess  # noqa: E402
-from data_prep.train_tokenizer import train_tokenizer  # noqa: E402
+from data_prep.preprocess_data import preprocess
+from data_prep.train_tokenizer import train_tokenizer
+from wider.files import atomic_write_json, atomic_write_jsonl, sha256_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus", "kjv.jsonl.xz")
 FORMAT = 1  # bump when the preparation changes, so that caches are rebuilt
 SHUFFLE_SEED = 1611
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def prepare_embedded(out_dir: str = "cache/embedded", vocab_size: int = 8000, workers: int = 1,
@@ -44,7 +36,7 @@ def prepare_embedded(out_dir: str = "cache/embedded", vocab_size: int = 8000, wo
     tok_prefix = os.path.join(out_dir, "tokenizer")
     prefix = os.path.join(out_dir, "kjv_text_document")
     stamp_path = os.path.join(out_dir, "stamp.json")
-    want = {"format": FORMAT, "corpus_sha256": _sha256(CORPUS), "vocab_size": vocab_size, "model_type": "bpe",
+    want = {"format": FORMAT, "corpus_sha256": sha256_file(CORPUS), "vocab_size": vocab_size, "model_type": "bpe",
             "shuffle_seed": SHUFFLE_SEED}
     result = {"tokenizer": tok_prefix + ".model", "prefix": prefix, "out_dir": os.path.abspath(out_dir)}
     files = [tok_prefix + ".model", tok_prefix + ".json", prefix + ".bin", prefix + ".idx", prefix + ".json"]
@@ -61,16 +53,11 @@ def prepare_embedded(out_dir: str = "cache/embedded", vocab_size: int = 8000, wo
         docs = [json.loads(line)["text"] for line in f]
     random.Random(SHUFFLE_SEED).shuffle(docs)
     shuffled = os.path.join(out_dir, "kjv_shuffled.jsonl")
-    with open(shuffled + ".tmp", "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    os.replace(shuffled + ".tmp", shuffled)
+    atomic_write_jsonl(shuffled, [{"text": d} for d in docs])
     train_tokenizer([shuffled], tok_prefix, vocab_size=vocab_size, quiet=quiet)
     summary = preprocess([shuffled], tok_prefix + ".model", prefix, workers=workers, quiet=quiet)
     os.remove(shuffled)
-    with open(stamp_path + ".tmp", "w") as f:
-        json.dump(want, f, indent=2)
-    os.replace(stamp_path + ".tmp", stamp_path)
+    atomic_write_json(stamp_path, want)
     if not quiet:
         print(f"embedded corpus: {summary['documents']} chapters, {summary['tokens']:,} tokens -> {out_dir} "
               f"({time.time() - t0:.1f} s)")

@@ -17,18 +17,14 @@ dataset untouched and no half-written dataset that looks valid.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import multiprocessing as mp
 import os
 import sys
 import time
 from typing import Iterator, Optional
 
-if __package__ in (None, ""):  # run as a script: make `data_prep` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_prep.documents import DataPrepError, TEXT_MODES, expand_inputs, iter_documents  # noqa: E402
+from data_prep.documents import DataPrepError, TEXT_MODES, expand_inputs, iter_documents
+from wider.files import atomic_write_json, sha256_file
 
 _worker_sp = None
 
@@ -53,14 +49,6 @@ def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def preprocess(inputs: list[str], tokenizer_model: str, output_prefix: str, workers: int = 1,
@@ -145,7 +133,7 @@ def preprocess(inputs: list[str], tokenizer_model: str, output_prefix: str, work
             "bin_bytes": os.path.getsize(tmp_bin), "seconds": round(seconds, 3),
             "tokens_per_second": round(n_tokens / max(seconds, 1e-9)),
             "dtype": np.dtype(dtype).name, "eod_appended": append_eod, "eod_id": eod, "vocab_size": vocab,
-            "tokenizer": os.path.abspath(tokenizer_model), "tokenizer_sha256": _sha256(tokenizer_model),
+            "tokenizer": os.path.abspath(tokenizer_model), "tokenizer_sha256": sha256_file(tokenizer_model),
             "inputs": [os.path.abspath(f) for f in files] if _documents is None else [],
         }
         # Commit: the old .json goes first (without it the old pair no longer counts as complete), then the
@@ -154,9 +142,7 @@ def preprocess(inputs: list[str], tokenizer_model: str, output_prefix: str, work
             os.remove(output_prefix + ".json")
         os.replace(tmp_bin, output_prefix + ".bin")
         os.replace(tmp_idx, output_prefix + ".idx")
-        with open(output_prefix + ".json.tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(output_prefix + ".json.tmp", output_prefix + ".json")
+        atomic_write_json(output_prefix + ".json", summary)
     finally:
         if pool is not None:
             pool.terminate()

@@ -15,27 +15,15 @@ default for that reason; --num-threads trades that for speed).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import shutil
 import sys
 from typing import Iterator, Optional
 
-if __package__ in (None, ""):  # run as a script: make `data_prep` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_prep.documents import DataPrepError, TEXT_MODES, expand_inputs, iter_documents  # noqa: E402
+from data_prep.documents import DataPrepError, TEXT_MODES, expand_inputs, iter_documents
+from wider.files import atomic_write_json, sha256_file
 
 UNK, BOS, EOS, PAD = 0, 1, 2, 3
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sentences(docs: Iterator[str], max_len: int, progress) -> Iterator[str]:
@@ -97,10 +85,9 @@ def train_tokenizer(inputs: list[str], output_prefix: str, vocab_size: int = 800
             "vocab_size": vocab_size, "model_type": model_type, "unk_id": UNK, "bos_id": BOS, "eod_id": EOS,
             "pad_id": PAD, "byte_fallback": byte_fallback, "user_defined_symbols": symbols,
             "character_coverage": character_coverage, "seed": seed, "sources": [os.path.abspath(f) for f in files],
-            "model_sha256": _sha256(os.path.join(tmp, "tok.model")),
+            "model_sha256": sha256_file(os.path.join(tmp, "tok.model")),
         }
-        with open(os.path.join(tmp, "tok.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        atomic_write_json(os.path.join(tmp, "tok.json"), meta)
         if os.path.exists(output_prefix + ".json"):
             os.remove(output_prefix + ".json")  # the old tokenizer is no longer complete from here on
         for ext in (".model", ".vocab", ".json"):  # .json last: its presence means complete

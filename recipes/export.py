@@ -1,9 +1,9 @@
-"""Export a training checkpoint as a portable release directory (no DeepSpeed or process group to load it).
+r"""Export a training checkpoint as a portable release directory (no DeepSpeed or process group to load it).
 
     # the latest complete checkpoint of a run (any ep_size, data-parallel size, ZeRO 0-2, fp32 or bf16), on CPU:
     python recipes/export.py --source runs/widenet_smoke --output releases/widenet_smoke
     # one checkpoint, bf16 weights (half the size), replacing an earlier export:
-    python recipes/export.py --source runs/widenet_b/checkpoints/step_00020000 --output releases/widenet_b \\
+    python recipes/export.py --source runs/widenet_b/checkpoints/step_00020000 --output releases/widenet_b \
         --dtype bf16 --force
     # with the Adam states and LR-scheduler state too:
     python recipes/export.py --source runs/gpt_smoke --output releases/gpt_smoke --with-optimizer
@@ -14,50 +14,9 @@ a temporary directory and moved into place at the end (a crash or Ctrl-C leaves 
 Exit status: 0 written, 2 bad input (a missing, incomplete or damaged checkpoint, an existing --output).
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True,
-                   help="A run directory (its latest complete checkpoint is exported) or one checkpoint directory "
-                        "RUN_DIR/checkpoints/step_XXXXXXXX.")
-    p.add_argument("--output", required=True, help="The release directory to write (must not exist unless --force).")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="Precision of model.safetensors, cast from the fp32 master weights (default fp32; bf16 "
-                        "halves the file).")
-    p.add_argument("--force", action="store_true", help="Replace an existing --output directory.")
-    p.add_argument("--with-optimizer", action="store_true",
-                   help="Also write optimizer.safetensors (Adam exp_avg / exp_avg_sq by parameter name, fp32) and "
-                        "trainer_state.json (Adam step, LR-scheduler state).")
-    p.add_argument("--no-progress", action="store_true", help="No progress bars (they go to stderr).")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from wider.recipe import quiet_libraries
-
-    quiet_libraries()
-    from wider.checkpoint import CheckpointError, export
-
-    try:
-        export(args.source, args.output, dtype=args.dtype, force=args.force, with_optimizer=args.with_optimizer,
-               progress=not args.no_progress)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: nothing written to {args.output}", file=sys.stderr, flush=True)
-        return 130
-    return 0
-
+from wider.commands.export import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(description=__doc__))

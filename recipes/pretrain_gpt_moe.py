@@ -14,12 +14,9 @@ Multi-node, resuming after preemption:
 Every flag: python recipes/pretrain_gpt_moe.py --help
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from wider.recipe import main  # noqa: E402
+from wider.recipe import main
 
 if __name__ == "__main__":
     sys.exit(main("gpt_moe", __doc__))

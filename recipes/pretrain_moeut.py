@@ -8,12 +8,9 @@ One GPU, the paper's 244M model:
 Every flag: python recipes/pretrain_moeut.py --help
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from wider.recipe import main  # noqa: E402
+from wider.recipe import main
 
 if __name__ == "__main__":
     sys.exit(main("moeut", __doc__))

@@ -10,12 +10,9 @@ One node, the paper's small model and its baselines (the same recipe; --umoe-mod
 Expert parallelism: add --ds-set moe.ep_size=8. Every flag: python recipes/pretrain_umoe.py --help
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from wider.recipe import main  # noqa: E402
+from wider.recipe import main
 
 if __name__ == "__main__":
     sys.exit(main("umoe", __doc__))

@@ -13,12 +13,9 @@ Multi-node with expert parallelism, resuming after preemption:
 Every flag: python recipes/pretrain_widenet.py --help
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from wider.recipe import main  # noqa: E402
+from wider.recipe import main
 
 if __name__ == "__main__":
     sys.exit(main("widenet", __doc__))

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 PY = sys.executable
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 

@@ -8,7 +8,9 @@ import json
 import pytest
 
 from wider import cli, ds_config, presets
-from wider.config import ConfigError, RunConfig, cosine_lr
+from wider.models import validate
+from wider.config import ConfigError, RunConfig
+from wider.optim import learning_rate
 
 
 def _base() -> RunConfig:
@@ -46,7 +48,7 @@ def test_invalid_values_are_named(section, field, value, needle):
     cfg = _base()
     setattr(getattr(cfg, section), field, value)
     with pytest.raises(ConfigError) as e:
-        cfg.validate()
+        validate(cfg)
     assert needle in str(e.value)
 
 
@@ -54,11 +56,11 @@ def test_world_size_checks():
     cfg = _base()
     cfg.train.tensor_parallel = 2
     with pytest.raises(ConfigError, match="does not divide the world size 3"):
-        cfg.validate(world_size=3)
+        validate(cfg, 3)
     cfg = _base()  # global 32, micro 16: dp 4 needs 64
     with pytest.raises(ConfigError, match="multiple of 64"):
-        cfg.validate(world_size=4)
-    cfg.validate(world_size=2)
+        validate(cfg, 4)
+    validate(cfg, 2)
 
 
 def test_cli_overrides_and_errors(capsys):
@@ -103,11 +105,11 @@ def test_config_json_round_trip(tmp_path):
 def test_lr_schedule_shape():
     t = _base().train
     t.train_iters, t.warmup_iters, t.lr, t.min_lr = 100, 10, 1.0, 0.1
-    assert cosine_lr(0, t) == pytest.approx(0.1)
-    assert cosine_lr(9, t) == pytest.approx(1.0)
-    assert cosine_lr(10, t) == pytest.approx(1.0)
-    assert cosine_lr(55, t) == pytest.approx(0.55)
-    assert cosine_lr(100, t) == pytest.approx(0.1)
+    assert learning_rate(0, t) == pytest.approx(0.1)
+    assert learning_rate(9, t) == pytest.approx(1.0)
+    assert learning_rate(10, t) == pytest.approx(1.0)
+    assert learning_rate(55, t) == pytest.approx(0.55)
+    assert learning_rate(100, t) == pytest.approx(0.1)
 
 
 def _write(tmp_path, obj) -> str:

@@ -1,8 +1,10 @@
 """Evaluation (wider/eval, recipes/evaluate.py): windowed perplexity against per-token references, batched and
-shared log-likelihoods against one-request-at-a-time forward passes, every task format read from small files in
-its public layout and scored as its convention says (a case where length normalisation changes the answer), the
-run's validation loss reproduced from a checkpoint and from an exported release within 1e-5, results in JSON and
-TensorBoard, clear errors for missing task files, and lm-evaluation-harness running a local task end to end."""
+shared log-likelihoods against one-request-at-a-time forward passes, every zero-shot task's public file format
+mapped onto lm-evaluation-harness's own task definitions (the prompts it builds = prompts written out by hand) and
+the harness-run scores equal to references from those prompts and the metrics' definitions (a case where length
+normalisation changes the answer), the run's validation loss reproduced from a checkpoint and from an exported
+release within 1e-5, results in JSON and TensorBoard, clear errors for missing and damaged task files, and
+lm-evaluation-harness running local tasks end to end."""
 
 from __future__ import annotations
 
@@ -197,10 +199,12 @@ def test_encode_pair_moves_trailing_spaces_to_the_continuation(model, tok):
     assert scorer.encode_pair("", " And God") == ([], tok.tokenize("And God"))
 
 
-# --- task files in their public formats ------------------------------------------------------------------------
+# --- task files in their public formats, as lm-evaluation-harness tasks ----------------------------------------
 
 STORY = [f"Sentence number {i} tells of the {w} and the king ." for i, w in
          enumerate(["garden", "river", "Mole", "queen", "road"] * 4, 1)]
+CN_QUERY, CN_CANDS = "`` Now , said the XXXXX , we go home . ''", ["garden", "river", "queen", "road", "king"]
+NE_QUERY, NE_CANDS = "XXXXX went down to the river .", ["Mole", "Ratty", "Toad"]
 
 
 def _cbt(path, query, answer, cands):
@@ -225,13 +229,16 @@ def task_dir(tmp_path_factory):
     _jsonl(d / "lambada/lambada_test.jsonl", [{"text": "And God said, Let there be light: and there was light"},
                                               {"text": "In the beginning God created the heaven and the earth"},
                                               {"text": "and the evening and the morning were the first day"}])
+    # Paradigms of different sizes, so that the accuracy over all pairs and the mean over paradigms can differ.
     _jsonl(d / "blimp/anaphor_number_agreement.jsonl",
            [{"sentence_good": "The men saw themselves.", "sentence_bad": "The men saw himself.", "UID": "a"},
-            {"sentence_good": "The king blessed himself.", "sentence_bad": "The king blessed themselves.", "UID": "a"}])
+            {"sentence_good": "The king blessed himself.", "sentence_bad": "The king blessed themselves.", "UID": "a"},
+            {"sentence_good": "The women hid themselves.", "sentence_bad": "The women hid herself.", "UID": "a"}])
     _jsonl(d / "blimp/determiner_noun_agreement_1.jsonl",
-           [{"sentence_good": "These sons went up.", "sentence_bad": "This sons went up.", "UID": "b"}])
-    # The second item: " a" is 1 token and 1 character, " wherefore Jerusalem" 2 tokens and 19 characters: the
-    # sum of log-likelihoods prefers the short answer, the per-character normalisation the long (gold) one.
+           [{"sentence_good": "These sons went up.", "sentence_bad": "This sons went up.", "UID": "b"},
+            {"sentence_good": "That day was good.", "sentence_bad": "Those day was good.", "UID": "b"}])
+    # The second item: " a" is 1 character, " wherefore Jerusalem" 19: the sum of log-likelihoods prefers the
+    # short answer, the per-character normalisation the long (gold) one.
     _jsonl(d / "piqa/valid.jsonl", [{"goal": "How do you light a lamp?", "sol1": "Pour oil in it and light the wick.",
                                      "sol2": "Pour water on it."},
                                     {"goal": "Where did the king go up?", "sol1": "a", "sol2": "wherefore Jerusalem"}])
@@ -252,87 +259,96 @@ def task_dir(tmp_path_factory):
         {"id": "q2", "question": {"stem": "What covers the deep?", "choices": [
             {"text": "darkness", "label": "1"}, {"text": "grass", "label": "2"}, {"text": "fire", "label": "3"},
             {"text": "sand", "label": "4"}]}, "answerKey": "1"}])
-    _cbt(d / "cbt/cbtest_CN_test_2500ex.txt", "`` Now , said the XXXXX , we go home . ''", "queen",
-         ["garden", "river", "queen", "road", "king"])
-    _cbt(d / "cbt/cbtest_NE_test_2500ex.txt", "XXXXX went down to the river .", "Mole", ["Mole", "Ratty", "Toad"])
+    _cbt(d / "cbt/cbtest_CN_test_2500ex.txt", CN_QUERY, "queen", CN_CANDS)
+    _cbt(d / "cbt/cbtest_NE_test_2500ex.txt", NE_QUERY, "Mole", NE_CANDS)
     return d
 
 
-def test_task_readers_follow_the_public_formats(task_dir):
+# What each task asks the model, written out by hand from the files above and lm-evaluation-harness's prompts
+# (lambada_openai, piqa, hellaswag with its WikiHow clean-up, arc_easy, blimp) and GPT-2's CBT method: per task
+# a list of (context, [scored continuations], [choices as lm-eval measures their length], gold). LAMBADA: the
+# continuation is the target and gold is None.
+def _mc(context, choices, gold, delimiter=" "):
+    return context, [delimiter + c for c in choices], choices, gold
+
+
+HS_ENDINGS = [", the man continues removing the snow on his car.",
+              ", the man puts on a christmas coat, knitted with netting.",
+              ", the man stands up.", ", the man drives away."]
+EXPECTED_PROMPTS = {
+    "lambada": [("And God said, Let there be light: and there was", [" light"], None, None),
+                ("In the beginning God created the heaven and the", [" earth"], None, None),
+                ("and the evening and the morning were the first", [" day"], None, None)],
+    "piqa": [_mc("Question: How do you light a lamp?\nAnswer:",
+                 ["Pour oil in it and light the wick.", "Pour water on it."], 0),
+             _mc("Question: Where did the king go up?\nAnswer:", ["a", "wherefore Jerusalem"], 1)],
+    "hellaswag": [_mc("Removing ice from car: Then, the man writes over the snow. Then", HS_ENDINGS, 3),
+                  _mc("Home and Garden: How to plant a tree. Dig a hole.",
+                      [" Put the tree in it.", "Fly away.", "Eat the tree.", "Sing."], 0)],
+    "arc_easy": [_mc("Question: Which gives light by day?\nAnswer:", ["the sun", "the moon", "a stone"], 0),
+                 _mc("Question: What covers the deep?\nAnswer:", ["darkness", "grass", "fire", "sand"], 0)],
+    # the choices carry their separator (an empty target delimiter): a blank glued to a token ("``XXXXX") gets none
+    "cbt_cn": 2 * [_mc(" ".join(STORY) + " `` Now , said the", [f" {c} , we go home . ''" for c in CN_CANDS], 2, "")],
+    "cbt_ne": 2 * [_mc(" ".join(STORY), [f" {c} went down to the river ." for c in NE_CANDS], 0, "")],
+    "blimp_anaphor_number_agreement": [
+        _mc("", ["The men saw themselves.", "The men saw himself."], 0),
+        _mc("", ["The king blessed himself.", "The king blessed themselves."], 0),
+        _mc("", ["The women hid themselves.", "The women hid herself."], 0)],
+    "blimp_determiner_noun_agreement_1": [_mc("", ["These sons went up.", "This sons went up."], 0),
+                                          _mc("", ["That day was good.", "Those day was good."], 0)],
+}
+
+
+def _harness_tasks(built) -> dict:
+    """lm-eval task name -> lm-eval Task of a wider.eval.tasks.build result."""
+    return {t.task_name: t for t in (built.paradigms.values() if built.paradigms else [built.harness])}
+
+
+def test_task_files_become_lm_eval_tasks_with_lm_evals_prompts(task_dir, caplog):
+    """Each public file format read into lm-eval's own task definitions: the requests lm-eval builds from our files
+    are the prompts written out by hand above, the prompt templates are the shipped YAMLs' own, and lm-eval has
+    nothing to warn about."""
+    import logging
+
     from wider.eval import tasks as T
 
-    lam = T.read_lambada(str(task_dir / "lambada/lambada_test.jsonl"), None)
-    assert lam[0] == ("And God said, Let there be light: and there was", " light")
-    piqa = T.read_piqa(str(task_dir / "piqa/valid.jsonl"), None)
-    assert piqa[1].context == "Question: Where did the king go up?\nAnswer:" and piqa[1].gold == 1
-    hs = T.read_hellaswag(str(task_dir / "hellaswag/hellaswag_val.jsonl"), None)
-    assert hs[0].context == "Removing ice from car: Then, the man writes over the snow. Then" and hs[0].gold == 3
-    assert hs[1].context == "Home and Garden: How to plant a tree. Dig a hole." and hs[1].choices[0] == " Put the tree in it."  # as lm-eval: strip, then remove
-    arc = T.read_arc(str(task_dir / "arc_easy/ARC-Easy-Test.jsonl"), None)
-    assert arc[1].context == "Question: What covers the deep?\nAnswer:" and arc[1].gold == 0 and len(arc[1].choices) == 4
-    cn = T.read_cbt(str(task_dir / "cbt/cbtest_CN_test_2500ex.txt"), None)
-    assert len(cn) == 2 and cn[0].gold == 2 and cn[0].delimiter == " "
-    assert cn[0].context == " ".join(STORY) + " `` Now , said the"
-    assert cn[0].choices[2] == "queen , we go home . ''"
-    ne = T.read_cbt(str(task_dir / "cbt/cbtest_NE_test_2500ex.txt"), 1)
-    assert len(ne) == 1 and ne[0].context == " ".join(STORY) and ne[0].choices == ["Mole went down to the river .",
-                                                                                   "Ratty went down to the river .",
-                                                                                   "Toad went down to the river ."]
+    with caplog.at_level(logging.WARNING):
+        built = {n: T.build(n, T.task_path(n, str(task_dir), {})) for n in T.TASKS}
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")] == []
+    for name, b in built.items():
+        for task_name, task in _harness_tasks(b).items():
+            task.build_all_requests(limit=None)
+            got = {}
+            for inst in task.instances:
+                ctx, cont = inst.args
+                got.setdefault(inst.doc_id, (ctx, []))[1].append(cont)
+            want = EXPECTED_PROMPTS[task_name]
+            assert [got[i] for i in sorted(got)] == [(c, x) for c, x, _, _ in want], task_name
+            if want[0][3] is not None:
+                docs = list(task.eval_docs)
+                assert [task.doc_to_choice(d) for d in docs] == [ch for _, _, ch, _ in want], task_name
+                assert [task.doc_to_target(d) for d in docs] == [g for _, _, _, g in want], task_name
+    assert built["piqa"].harness.config.doc_to_text == "Question: {{goal}}\nAnswer:"  # piqa.yaml's template
+    assert built["hellaswag"].harness.config.process_docs.__module__ == "lm_eval.tasks.hellaswag.utils"
+    assert built["lambada"].harness.config.metric_list[0]["aggregation"] == "perplexity"
+    assert set(built["blimp"].paradigms) == {"anaphor_number_agreement", "determiner_noun_agreement_1"}
+    assert built["blimp"].harness.name == "blimp" and not built["lambada"].paradigms
+
+    # a blank glued to the token before it ("``XXXXX", as CBT's tokenized text has some): no space before the option
+    glued = {"sentences": ["One ."], "question": "``XXXXX , he said .", "answer": "Mole", "options": ["Mole", "Toad"]}
+    cbt = built["cbt_cn"].harness
+    assert (cbt.doc_to_text(glued), cbt.doc_to_choice(glued)) == ("One . ``", ["Mole , he said .", "Toad , he said ."])
+
+    # --limit: the first N examples of each file, of each BLiMP paradigm
+    limited = T.build("blimp", str(task_dir / "blimp"), limit=1)
+    assert [len(t.eval_docs) for t in limited.paradigms.values()] == [1, 1]
+    assert len(T.build("cbt_ne", str(task_dir / "cbt/cbtest_NE_test_2500ex.txt"), limit=1).harness.eval_docs) == 1
     assert T.resolve_names("cbt,lambada_openai,piqa,cbt_cn") == ["cbt_cn", "cbt_ne", "lambada", "piqa"]
     with pytest.raises(T.EvalError, match="unknown task 'wino'"):
         T.resolve_names("wino")
-    bad = task_dir / "bad_arc.jsonl"
-    _jsonl(bad, [{"question": {"stem": "x", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "E"}])
-    with pytest.raises(T.EvalError, match=r"bad_arc.jsonl:1: answerKey 'E' is none of the choice labels \['A'\]"):
-        T.read_arc(str(bad), None)
 
 
-def _reference_task(model, scorer, name, path):
-    """The task's metrics from unbatched reference log-likelihoods of the readers' examples."""
-    from wider.eval import tasks as T
-
-    def ll(ctx, cont):
-        return _ref_loglikelihood(model, scorer.eod, *scorer.encode_pair(ctx, cont))
-
-    spec = T.TASKS[name]
-    if spec.kind == "lambada":
-        res = [ll(c, x) for c, x in spec.read(path, None)]
-        return {"acc": np.mean([g for _, g in res]), "ppl": math.exp(-np.mean([v for v, _ in res]))}, None
-    files = T.blimp_files(path) if spec.kind == "blimp" else [path]
-    hits, hits_norm, flips = [], [], 0
-    for f in files:
-        for ex in (T.read_blimp_file(f, None) if spec.kind == "blimp" else spec.read(f, None)):
-            lls = [ll(ex.context, ex.delimiter + c)[0] for c in ex.choices]
-            norm = [v / len(c) for v, c in zip(lls, ex.choices)]
-            hits.append(float(np.argmax(lls) == ex.gold))
-            hits_norm.append(float(np.argmax(norm) == ex.gold))
-            flips += int(np.argmax(lls) != np.argmax(norm))
-    out = {"acc": np.mean(hits)}
-    if spec.acc_norm:
-        out["acc_norm"] = np.mean(hits_norm)
-    return out, flips
-
-
-def test_tasks_scored_as_their_conventions_say(model, tok, task_dir):
-    from wider.eval import tasks as T
-
-    scorer = _scorer(model, tok, batch_size=3)
-    for name in T.TASKS:
-        path = T.task_path(name, str(task_dir), {})
-        got = T.evaluate_task(scorer, name, path)
-        want, flips = _reference_task(model, scorer, name, path)
-        for k, v in want.items():
-            assert got[k] == pytest.approx(v, rel=1e-5), (name, k, got, want)  # batching: fp32 rounding
-        if name == "piqa":  # the second item is decided differently by acc and acc_norm
-            assert flips >= 1 and got["acc"] != got["acc_norm"]
-    blimp = T.evaluate_task(scorer, "blimp", str(task_dir / "blimp"))
-    assert set(blimp["paradigms"]) == {"anaphor_number_agreement", "determiner_noun_agreement_1"}
-    assert blimp["n"] == 3 and blimp["acc_macro"] == pytest.approx(
-        np.mean([p["acc"] for p in blimp["paradigms"].values()]))
-    assert T.evaluate_task(scorer, "lambada", T.task_path("lambada", str(task_dir), {}), limit=2)["n"] == 2
-
-
-def test_missing_task_file_names_the_path_and_the_source(task_dir, tmp_path):
+def test_task_file_errors_name_the_file_the_problem_and_the_fix(task_dir, tmp_path):
     from wider.eval import tasks as T
 
     with pytest.raises(T.EvalError) as e:
@@ -345,7 +361,28 @@ def test_missing_task_file_names_the_path_and_the_source(task_dir, tmp_path):
     (tmp_path / "piqa").mkdir()
     _jsonl(tmp_path / "piqa" / "valid.jsonl", [{"goal": "g", "sol1": "a", "sol2": "b"}])
     with pytest.raises(T.EvalError, match="PIQA labels file .*valid-labels.lst' does not exist"):
-        T.read_piqa(str(tmp_path / "piqa" / "valid.jsonl"), None)
+        T.build("piqa", str(tmp_path / "piqa" / "valid.jsonl"))
+    bad = tmp_path / "bad_arc.jsonl"
+    _jsonl(bad, [{"question": {"stem": "x", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "E"}])
+    with pytest.raises(T.EvalError, match=r"bad_arc.jsonl:1: answerKey 'E' is none of the choice labels \['A'\]"):
+        T.build("arc_easy", str(bad))
+    damaged = tmp_path / "lambada.jsonl"
+    damaged.write_text('{"text": "a b c"}\n{"text": "a b\n')
+    with pytest.raises(T.EvalError, match=r"lambada.jsonl:2: invalid JSON .*not JSONL"):
+        T.build("lambada", str(damaged))
+    _jsonl(damaged, [{"passage": "a b c"}])
+    with pytest.raises(T.EvalError, match=r"lambada.jsonl:1: no key 'text' \(the line has \['passage'\]\)"):
+        T.build("lambada", str(damaged))
+    cbt = tmp_path / "cbt.txt"
+    cbt.write_text("1 One .\n3 Three .\n")
+    with pytest.raises(T.EvalError, match=r"cbt.txt:2: line number 3 out of order \(expected 2\)"):
+        T.build("cbt_cn", str(cbt))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(T.EvalError, match=r"task hellaswag: .*empty.jsonl holds no example"):
+        T.build("hellaswag", str(tmp_path / "empty.jsonl"))
+    (tmp_path / "blimp").mkdir()
+    with pytest.raises(T.EvalError, match="holds no .jsonl paradigm file"):
+        T.build("blimp", str(tmp_path / "blimp"))
 
 
 # --- end to end: a trained run, its checkpoint, an exported release, the command line, lm-eval ---------------
@@ -451,30 +488,109 @@ def _tb_scalars(tb_dir) -> dict:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_command_line_tasks_write_json_and_tensorboard(run_dir, loaded, task_dir, tmp_path):
+def _mean_stderr(xs) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n))."""
+    n, mu = len(xs), float(np.mean(xs))
+    return mu, math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1) / n)
+
+
+def _reference_metrics(scorer, names) -> dict:
+    """Each task's metrics from the hand-written prompts (EXPECTED_PROMPTS) and the metrics' definitions written
+    out here, with log-likelihoods from `scorer`: acc = the highest log-likelihood is gold's (the first of equal
+    maxima), acc_norm = the same per character of the choice; LAMBADA: acc = greedy, ppl = exp(-mean ll)."""
+    out = {}
+    for name in names:
+        items = EXPECTED_PROMPTS[name]
+        res = [scorer.loglikelihood_text([(ctx, c) for c in conts]) for ctx, conts, _, _ in items]
+        if name == "lambada":
+            lls = [r[0][0] for r in res]
+            out[name] = {"acc": _mean_stderr([float(r[0][1]) for r in res]), "ppl": math.exp(-np.mean(lls)), "lls": lls}
+            continue
+        hits, hits_norm = [], []
+        for (_, _, choices, gold), r in zip(items, res):
+            lls = [ll for ll, _, _ in r]
+            hits.append(float(np.argmax(lls) == gold))
+            hits_norm.append(float(np.argmax([ll / len(c) for ll, c in zip(lls, choices)]) == gold))
+        out[name] = {"hits": hits, "acc": _mean_stderr(hits), "acc_norm": _mean_stderr(hits_norm)}
+    return out
+
+
+def test_command_line_tasks_equal_references_and_write_json_and_tensorboard(run_dir, task_dir, tmp_path):
+    """recipes/evaluate.py tasks runs the six tasks through lm-eval's evaluator with the `wider` model (dropless,
+    so that how requests are batched cannot matter): every metric and standard error equals the reference from the
+    hand-written prompts; JSON and TensorBoard scalars are written; --limit, a missing and a damaged file."""
+    from lm_eval.api.metrics import bootstrap_stderr, perplexity
+
+    from wider.checkpoint import load_for_inference
     from wider.eval import tasks as T
     from wider.eval.run import make_scorer
+    from wider.moe.config import MoEConfig
+    from wider.moe.layer import configure
 
     out = tmp_path / "out"
     rc, err = _evaluate(["tasks", "--checkpoint", str(run_dir), "--tasks", "all", "--task-dir", str(task_dir),
-                         "--no-progress", "--output-dir", str(out), "--batch-size", "3"])
+                         "--no-progress", "--output-dir", str(out), "--batch-size", "3", "--dropless"])
     assert rc == 0, err
-    scorer = make_scorer(loaded, torch.device("cpu"), 3, progress=False)
+    ref = load_for_inference(str(run_dir))
+    configure(ref.model, MoEConfig.dropless)
+    want = _reference_metrics(make_scorer(ref, torch.device("cpu"), 1, progress=False), EXPECTED_PROMPTS)
     scalars = _tb_scalars(out / "tensorboard")
+    got = {}
     for name in T.TASKS:
         with open(out / "eval" / f"{name}.json") as f:
             rec = json.load(f)
         assert rec["step"] == 6 and rec["kind"] == "task" and rec["settings"]["batch_size"] == 3
-        want = T.evaluate_task(scorer, name, T.task_path(name, str(task_dir), {}))
-        assert rec["results"]["acc"] == pytest.approx(want["acc"])
-        assert scalars[f"eval/{name}/acc"] == [(6, pytest.approx(want["acc"]))]
-    assert "eval/piqa/acc_norm" in scalars and "eval/lambada/ppl" in scalars
+        assert rec["settings"]["moe"] == "dropless" and rec["settings"]["lm_eval"] == "0.4.13"
+        got[name] = rec["results"]
+        assert scalars[f"eval/{name}/acc"] == [(6, pytest.approx(rec["results"]["acc"]))]
+    for name in ("piqa", "hellaswag", "arc_easy", "cbt_cn", "cbt_ne"):
+        metrics = ("acc", "acc_norm") if name in ("piqa", "hellaswag", "arc_easy") else ("acc",)
+        assert got[name]["n"] == len(EXPECTED_PROMPTS[name]) and set(got[name]) == \
+            {"n", "truncated_requests", *metrics, *(m + "_stderr" for m in metrics)}
+        for m in metrics:
+            assert (got[name][m], got[name][m + "_stderr"]) == pytest.approx(want[name][m]), (name, m)
+    assert want["piqa"]["acc"] != want["piqa"]["acc_norm"]  # the per-character normalisation decides an item
+
+    lam = got["lambada"]
+    assert (lam["acc"], lam["acc_stderr"]) == pytest.approx(want["lambada"]["acc"])
+    assert lam["ppl"] == pytest.approx(want["lambada"]["ppl"], rel=1e-5)
+    assert lam["ppl_stderr"] == pytest.approx(bootstrap_stderr(perplexity, want["lambada"]["lls"], 100000), rel=1e-3)
+
+    blimp, paradigms = got["blimp"], ("anaphor_number_agreement", "determiner_noun_agreement_1")
+    per = [want[f"blimp_{p}"] for p in paradigms]
+    for p, w in zip(paradigms, per):
+        assert blimp["paradigms"][p]["n"] == len(w["hits"])
+        assert (blimp["paradigms"][p]["acc"], blimp["paradigms"][p]["acc_stderr"]) == pytest.approx(w["acc"])
+    sizes, hits = [len(w["hits"]) for w in per], [h for w in per for h in w["hits"]]
+    # overall: every pair counts once; the standard error from the pooled within-paradigm variance
+    pooled = sum((n - 1) * n * w["acc"][1] ** 2 for n, w in zip(sizes, per)) / (sum(sizes) - len(sizes))
+    assert blimp["n"] == 5 and blimp["acc"] == pytest.approx(np.mean(hits))
+    assert blimp["acc_stderr"] == pytest.approx(math.sqrt(pooled / sum(sizes)))
+    # lm-eval's own blimp score: the unweighted mean of the paradigms
+    assert blimp["acc_macro"] == pytest.approx(np.mean([w["acc"][0] for w in per]))
+    assert blimp["acc_macro_stderr"] == pytest.approx(math.sqrt(sum(w["acc"][1] ** 2 for w in per)) / len(per))
+    assert "eval/piqa/acc_norm" in scalars and "eval/lambada/ppl" in scalars and "eval/blimp/acc_macro" in scalars
     assert "eval/blimp/paradigms/anaphor_number_agreement/acc" in scalars
+
+    rc, err = _evaluate(["tasks", "--checkpoint", str(run_dir), "--tasks", "blimp,cbt_ne", "--task-dir", str(task_dir),
+                         "--limit", "1", "--no-progress", "--output-dir", str(tmp_path / "limit"), "--dropless"])
+    assert rc == 0, err
+    with open(tmp_path / "limit" / "eval" / "blimp.json") as f:
+        limited = json.load(f)["results"]
+    assert limited["n"] == 2 and [r["n"] for r in limited["paradigms"].values()] == [1, 1]
+    assert limited["paradigms"]["anaphor_number_agreement"]["acc_stderr"] is None  # lm-eval's "N/A" for one item
 
     rc, err = _evaluate(["tasks", "--checkpoint", str(run_dir), "--tasks", "lambada,arc_easy",
                          "--task-dir", str(tmp_path / "nowhere"), "--no-write"])
     assert rc == 2 and str(tmp_path / "nowhere" / "lambada" / "lambada_test.jsonl") in err
     assert "openaipublic" in err and "nothing is downloaded" in err
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text('{"question": {"stem": "x", "choices": []}, "answerKey": "A"}\n')
+    # files are read before the checkpoint is loaded: the file's error, though the checkpoint does not exist either
+    rc, err = _evaluate(["tasks", "--checkpoint", str(tmp_path / "missing"), "--tasks", "arc_easy",
+                         "--task-file", f"arc_easy={damaged}", "--no-write"])
+    assert rc == 2 and [line for line in err.splitlines() if line.startswith("error:")] == \
+        [f"error: {damaged}:1: answerKey 'A' is none of the choice labels []"]
     rc, err = _evaluate(["perplexity", "--checkpoint", str(tmp_path / "missing"), "--no-write"])
     assert rc == 2 and "does not exist" in err
     rc, err = _evaluate(["perplexity", "--checkpoint", str(run_dir), "--stride", "8", "--no-write"])
@@ -551,7 +667,7 @@ metric_list:
 
 def test_lm_eval_harness_runs_local_tasks_end_to_end(run_dir, task_dir, tmp_path, monkeypatch, single_rank):
     """lm-eval's evaluator with `--model wider` (looked up in its registry, built from a model_args string): a
-    multiple-choice task with PIQA's prompt equals recipes/evaluate.py's own PIQA scoring, generate_until equals
+    multiple-choice task with PIQA's prompt equals the reference from the hand-written prompts, generate_until equals
     greedy decoding cut at the stop strings, loglikelihood_rolling's bits per byte equals the scorer's. Local YAML
     and data files only, nothing downloaded. (In this process: lm_eval's CLI would first index its ~10k built-in
     task files, 15 s here; `python -m wider.eval.harness` is register() + that CLI.)"""
@@ -562,14 +678,13 @@ def test_lm_eval_harness_runs_local_tasks_end_to_end(run_dir, task_dir, tmp_path
 
     from wider.checkpoint import load_for_inference
     from wider.eval import harness
-    from wider.eval import tasks as T
     from wider.eval.run import make_scorer
-    from wider.eval.scoring import set_dropless
     from wider.generation import SamplingParams, generate
+    from wider.moe.config import MoEConfig
+    from wider.moe.layer import configure
 
     d = tmp_path / "lm"
     d.mkdir()
-    piqa = T.read_piqa(str(task_dir / "piqa" / "valid.jsonl"), None)
     labels = (task_dir / "piqa" / "valid-labels.lst").read_text().split()
     with open(task_dir / "piqa" / "valid.jsonl") as f, open(d / "piqa_local.jsonl", "w") as g:
         for line, label in zip(f, labels):
@@ -590,11 +705,11 @@ def test_lm_eval_harness_runs_local_tasks_end_to_end(run_dir, task_dir, tmp_path
 
     # References: the same checkpoint, dropless (so that lm-eval's batching of requests cannot matter).
     ref = load_for_inference(str(run_dir))
-    set_dropless(ref.model)
+    configure(ref.model, MoEConfig.dropless)
     scorer = make_scorer(ref, torch.device("cpu"), 2, progress=False)
-    want = T.score_multiple_choice(scorer, piqa, True, "piqa")
-    assert results["wider_piqa_local"]["acc,none"] == pytest.approx(want["acc"])
-    assert results["wider_piqa_local"]["acc_norm,none"] == pytest.approx(want["acc_norm"])
+    want = _reference_metrics(scorer, ["piqa"])["piqa"]
+    assert results["wider_piqa_local"]["acc,none"] == pytest.approx(want["acc"][0])
+    assert results["wider_piqa_local"]["acc_norm,none"] == pytest.approx(want["acc_norm"][0])
     assert want["acc"] != want["acc_norm"]
 
     got = {s["doc"]["prompt"]: s["resps"][0][0] for s in out["samples"]["wider_gen_local"]}
@@ -614,23 +729,26 @@ def test_lm_eval_harness_runs_local_tasks_end_to_end(run_dir, task_dir, tmp_path
 
 def test_lm_eval_hook_registers_wider_after_lm_evals_own_models(tmp_path):
     """The .pth hook (what ./run.sh installs into .venv): in a fresh interpreter, started outside the repository,
-    `--model wider` resolves to WiderLM and lm-eval's own models are still registered."""
+    `--model wider` resolves to WiderLM and lm-eval's own models are still registered. The line names the installed
+    package, not a path to a checkout's files."""
     site_dir = tmp_path / "site"
     site_dir.mkdir()
-    p = subprocess.run([PY, str(REPO / "wider/eval/lm_eval_hook.py"), "install", str(site_dir)], capture_output=True,
-                       text=True, timeout=60)
+    p = subprocess.run([PY, "-m", "wider.eval.lm_eval_hook", "install", str(site_dir)], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path, env=child_env())
     assert p.returncode == 0, explain(p)
-    # python -S: no site-packages .pth runs at start-up (.venv may hold the installed hook already); the venv's
-    # packages go on sys.path by hand, and only the test's site directory is processed as a site dir.
+    line = (site_dir / "wider_lm_eval.pth").read_text()
+    assert "/" not in line and "wider.eval.lm_eval_hook" in line
+    # python -S: no site-packages .pth runs at start-up (.venv holds the installed hook and the editable install's
+    # finder): the venv's packages go on sys.path by hand, wider through PYTHONPATH, and only the test's site
+    # directory is processed as a site dir.
     import sysconfig
 
     code = ("import sys; sys.path.append(sys.argv[2]); import site; "
-            "assert '_wider_lm_eval_hook' not in sys.modules; site.addsitedir(sys.argv[1]); "
-            "assert 'lm_eval.models' not in sys.modules and 'wider' not in sys.modules; "
+            "assert 'wider' not in sys.modules; site.addsitedir(sys.argv[1]); "
+            "assert 'lm_eval.models' not in sys.modules and 'wider.eval.lm_eval_hook' in sys.modules; "
             "from lm_eval.api.registry import get_model, model_registry; cls = get_model('wider'); "
             "print(cls.__module__, cls.__name__, 'hf' in model_registry, 'dummy' in model_registry)")
-    env = child_env()
-    env.pop("PYTHONPATH", None)
+    env = child_env(PYTHONPATH=str(REPO))
     p = subprocess.run([PY, "-S", "-c", code, str(site_dir), sysconfig.get_paths()["purelib"]], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, explain(p)

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def arch_runs(single_rank, data_args, tmp_path_factory):
 def _native_model(ckpt, dtype=torch.float32):
     """The model DeepSpeed's own files describe: module state dict + per-expert files (global expert ids in the
     file names), loaded by torch's load_state_dict through wider's MoE hooks into an ep_size-1 model."""
-    from wider.checkpoint.model import build_for_config, run_config_of
+    from wider.checkpoint.rebuild import build_for_config, run_config_of
     from wider.checkpoint.native import inspect, moe_block, vocab_size_of
 
     info = inspect(str(ckpt))
@@ -94,7 +95,7 @@ def _logits(model):
 
 
 def _latest(run_dir):
-    from wider.training.checkpoint import latest_complete
+    from wider.checkpoint.paths import latest_complete
 
     return latest_complete(str(run_dir))
 
@@ -139,15 +140,15 @@ def test_consolidation_equals_the_live_engine_and_reshards_into_another(single_r
 
     from wider.checkpoint import consolidate
     from wider.checkpoint.reshard import load_resharded
-    from wider.config import cosine_lr
-    from wider.training import checkpoint
+    from wider.checkpoint import store
+    from wider.optim import learning_rate
 
     cfg = _arch_cfg("widenet", data_args, tmp_path / "live", ["--global-batch-size", "4"])  # one micro-batch a step
     cfg.train.ds_set = ["zero_optimization.stage=2", "bf16.enabled=true"]
     engine, tok = _engine(cfg)
     for _ in range(2):
         _train_step(engine, cfg)
-    ckpt = checkpoint.save(engine, cfg.train.run_dir, 2, {"step": 2, "config": cfg.to_dict(),
+    ckpt = store.save(engine, cfg.train.run_dir, 2, {"step": 2, "config": cfg.to_dict(),
                                                           "tokenizer_sha256": tok.sha256}, keep=0)
     cons = consolidate(ckpt, optimizer=True)
     assert cons.adam_step == 2 and cons.lr_scheduler["last_epoch"] == 2
@@ -188,7 +189,7 @@ def test_consolidation_equals_the_live_engine_and_reshards_into_another(single_r
         if stage == 1:
             assert all(int(st["step"]) == 2 for st in other.optimizer.optimizer.state.values())
         assert other.global_steps == 2
-        assert all(g["lr"] == pytest.approx(cosine_lr(2, cfg.train)) for g in other.optimizer.param_groups)
+        assert all(g["lr"] == pytest.approx(learning_rate(2, cfg.train)) for g in other.optimizer.param_groups)
 
 
 def _engine(cfg):
@@ -196,21 +197,20 @@ def _engine(cfg):
     import deepspeed
 
     from wider import ds_config, parallel
-    from wider.config import cosine_lr
     from wider.data import SentencePieceTokenizer
     from wider.models import ARCHITECTURES
-    from wider.moe.layer import ensure_expert_groups
-    from wider.training.loop import make_optimizer
+    from wider.moe.config import MoERuntime
+    from wider.optim import make_optimizer, make_scheduler
 
     t = cfg.train
     tok = SentencePieceTokenizer(cfg.data.tokenizer)
     ds = ds_config.build(cfg, 1)
     moe = ds_config.moe_settings(ds)
-    ensure_expert_groups(moe.ep_size)
+    runtime = MoERuntime(moe, groups=parallel.expert_groups(moe.ep_size))
     parallel.set_seed(t.seed)
-    model = ARCHITECTURES[cfg.model.arch].build(cfg, tok.vocab_size, ds_config.uses_bf16(ds), moe)
+    model = ARCHITECTURES[cfg.model.arch].build(cfg, tok.vocab_size, ds_config.uses_bf16(ds), runtime)
     opt = make_optimizer(model, t)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, t) / t.lr)
+    sched = make_scheduler(opt, t)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds,
                                            mpu=parallel.MegatronMPU(), dist_init_required=False)
     return engine, tok
@@ -264,8 +264,9 @@ def releases(ep2_run, tmp_path_factory):
 
 
 def test_release_loads_in_a_fresh_process_without_a_process_group(releases, tmp_path):
-    """`import wider` pulls in nothing heavy; wider.from_pretrained needs no process group from the caller and
-    gives exactly the logits of the model DeepSpeed's files describe (ep_size 2 checkpoint, fp32)."""
+    """`import wider` pulls in nothing heavy; wider.from_pretrained, run from a directory outside the repository,
+    needs no process group from the caller and gives exactly the logits of the model DeepSpeed's files describe
+    (ep_size 2 checkpoint, fp32). The evaluation command works from there too."""
     src, fp32, _ = releases
     out = tmp_path / "logits.pt"
     code = f"""
@@ -283,12 +284,22 @@ with torch.no_grad():
 torch.save({{"logits": logits, "step": loaded.step, "tokenizer": loaded.tokenizer.path,
             "ep": loaded.moe.ep_size, "training": loaded.model.training}}, {str(out)!r})
 """
-    p = subprocess.run([PY, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    p = subprocess.run([PY, "-c", code], cwd=outside, env=child_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(out)
     assert got["step"] == SAVE and got["ep"] == 1 and not got["training"]
     assert got["tokenizer"] == os.path.join(fp32, "tokenizer.model")
     assert torch.equal(got["logits"], _logits(_native_model(src)))
+
+    (outside / "text.txt").write_text("In the beginning God created the heaven and the earth.\n")
+    cmd = [str(Path(PY).parent / "wider-evaluate"), "perplexity", "--checkpoint", str(fp32), "--text", "text.txt",
+           "--output-dir", "results", "--no-progress"]
+    p = subprocess.run(cmd, cwd=outside, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((outside / "results" / "eval" / "ppl_text.json").read_text())
+    assert result["results"]["tokens"] > 5 and result["step"] == SAVE
 
 
 def test_release_files_and_bf16_halves_the_weights(releases):

@@ -11,6 +11,7 @@ from wider import presets
 from wider.generation import (FullRecompute, GenerationError, SamplingParams, check_prompt, filter_logits, generate,
                               inference_mode, next_tokens)
 from wider.models import ARCHITECTURES
+from wider.moe.config import MoERuntime
 from wider.moe.settings import MoESettings
 
 VOCAB, SEQ = 128, 32
@@ -48,7 +49,7 @@ def models(single_rank):
     built = {}
     for arch in ARCHITECTURES:
         parallel.set_seed(1)
-        built[arch] = ARCHITECTURES[arch].build(_config(arch), VOCAB, False, TIGHT).eval()
+        built[arch] = ARCHITECTURES[arch].build(_config(arch), VOCAB, False, MoERuntime(TIGHT)).eval()
     return built
 
 
@@ -215,19 +216,25 @@ def test_stops_at_end_of_document_and_masks_padded_vocabulary(models):
 
 
 def test_generation_leaves_training_settings_untouched(models):
-    from wider.moe import layer as moe_layer
-    from wider.moe.stats import moe_layers
+    from wider.moe.layer import moe_layers
 
     model = models["widenet"]
-    before = [m.settings for m in moe_layers(model)]
-    compile_before = moe_layer.COMPILE_ROUTING
+    before = [m.config for m in moe_layers(model)]
+    assert all(c.settings.drop_tokens and c.kernels.compile_routing for c in before)
+    seen = []
     model.train()
     try:
-        generate(model, PROMPTS[0], SamplingParams(max_new_tokens=2, temperature=0), max_length=SEQ)
+        # What generation asks for while it runs: dropless and eager routing, on every layer.
+        layer = moe_layers(model)[0]
+        original = type(layer).route
+        type(layer).route = lambda self, *a, **k: (seen.append(self.config), original(self, *a, **k))[1]
+        try:
+            generate(model, PROMPTS[0], SamplingParams(max_new_tokens=2, temperature=0), max_length=SEQ)
+        finally:
+            type(layer).route = original
+        assert seen and all(not c.settings.drop_tokens and not c.kernels.compile_routing for c in seen)
         assert model.training
-        assert [m.settings for m in moe_layers(model)] == before and all(
-            a is b for a, b in zip(before, [m.settings for m in moe_layers(model)]))
-        assert moe_layer.COMPILE_ROUTING == compile_before
+        assert all(a is b for a, b in zip(before, [m.config for m in moe_layers(model)]))
         assert all(not m.records for m in moe_layers(model))
     finally:
         model.eval()

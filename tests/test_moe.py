@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from wider import presets
+from wider.models import validate
 from wider.config import ConfigError
 from wider.moe import dispatch
+from wider.moe.config import MoEConfig, MoERuntime
 from wider.moe.settings import MoESettings
 
 D, F, E = 16, 32, 4
@@ -20,7 +22,8 @@ def _ours(k: int, settings: MoESettings, renormalize: bool, **kw):
     from wider.moe.layer import MoE
 
     # Large init so that outputs are O(1) and the tolerances below mean something.
-    return MoE(D, E, k, F, settings, renormalize=renormalize, init_std=0.5, output_std=0.3, **kw)
+    return MoE(MoEConfig(hidden_size=D, num_experts=E, top_k=k, ffn_size=F, settings=settings, renormalize=renormalize,
+                         init_std=0.5, output_std=0.3, **kw))
 
 
 def _deepspeed_like(ours, k: int, capacity_factor: float, drop_tokens: bool):
@@ -128,13 +131,12 @@ def test_fused_expert_path_equals_the_composable_one_and_keeps_less(single_rank,
     output and gradients (x, both expert weights, the combine weights), with drops (cap 3: rows past n_kept are
     left unwritten by the GEMMs) and an expert nobody chose, and fewer bytes saved for the backward by at least
     the two R x D tensors. per_assignment: one input per (token, choice), x_XD (UMoE's mixed tokens)."""
-    from wider import plan
+    from wider import memory_plan as plan
     from wider.moe.experts import GroupedExperts
 
     torch.manual_seed(3)
     T, K, L = 12, 2, 4
     ex = GroupedExperts(L, D, F, "gelu")
-    ex.kernel = kernel
     with torch.no_grad():
         ex.w1_LDF.normal_(0, 0.5), ex.w2_LFD.normal_(0, 0.3)
     ids = torch.randint(0, L - 1, (T, K))  # expert L - 1 gets nothing
@@ -150,10 +152,11 @@ def test_fused_expert_path_equals_the_composable_one_and_keeps_less(single_rank,
         # Activation memory kept for the backward: not counting the weights and the input (which live anyway).
         with plan.kept_for_backward((x, ex.w1_LDF, ex.w2_LFD)) as sizes:
             if fused:
-                out = ex.forward_plan(None, p, x_XD=x) if per_assignment else ex.forward_plan(x, p)
+                out = ex.forward_plan(None, p, x_XD=x, kernel=kernel) if per_assignment else \
+                    ex.forward_plan(x, p, kernel=kernel)
             else:
                 rows = dispatch.gather_assignments(x, p) if per_assignment else dispatch.gather_tokens(x, p)
-                out = dispatch.combine(ex(rows, p.counts_E), p)
+                out = dispatch.combine(ex(rows, p.counts_E, kernel), p)
         (out * g).sum().backward()
         results.append([out, x.grad, ex.w1_LDF.grad, ex.w2_LFD.grad, logits.grad])
         saved.append(sum(sizes.values()))
@@ -247,7 +250,7 @@ def test_widenet_shares_one_attention_and_one_moe(single_rank):
 
     cfg = _moe_cfg("widenet_smoke")
     parallel.set_seed(3)
-    model = ARCHITECTURES["widenet"].build(cfg, 512, False, MoESettings())
+    model = ARCHITECTURES["widenet"].build(cfg, 512, False, MoERuntime(MoESettings()))
     layers = model.decoder.layers
     attn, moe = model.decoder.shared_attention, model.decoder.shared_moe
     assert isinstance(moe, MoEMLP)
@@ -287,12 +290,12 @@ def test_gpt_moe_every_other_block_and_counts(single_rank):
     for name in ("switch_smoke", "glam_smoke"):
         cfg = _moe_cfg(name, num_layers=4)
         parallel.set_seed(3)
-        model = ARCHITECTURES["gpt_moe"].build(cfg, 512, False, MoESettings())
+        model = ARCHITECTURES["gpt_moe"].build(cfg, 512, False, MoERuntime(MoESettings()))
         kinds = [isinstance(layer.mlp, MoEMLP) for layer in model.decoder.layers]
         assert kinds == [False, True, False, True]
         assert sum(p.numel() for p in model.parameters()) == describe(cfg)["params_total"]
         moe = model.decoder.layers[1].mlp.moe
-        assert moe.top_k == (1 if name == "switch_smoke" else 2)
+        assert moe.config.top_k == (1 if name == "switch_smoke" else 2)
         assert moe.deepspeed_moe.gate.renormalize == (name == "glam_smoke")
 
 
@@ -332,7 +335,7 @@ def test_top_k_above_expert_count_and_ds_set(tmp_path):
     cfg = presets.get("widenet_smoke")
     cfg.model.moe_top_k = 5
     with pytest.raises(ConfigError, match=r"moe_top_k 5 must be in \[1, num_experts=4\]"):
-        cfg.validate()
+        validate(cfg)
     cfg = presets.get("widenet_smoke")
     cfg.train.ds_set = ["moe.ep_size=2", "moe.capacity_factor=null", "zero_optimization.stage=2"]
     d = ds_config.build(cfg, 2, _write(tmp_path, BASE))
@@ -345,7 +348,7 @@ def test_top_k_above_expert_count_and_ds_set(tmp_path):
     cfg = presets.get("widenet_smoke")
     cfg.train.tensor_parallel = 2
     with pytest.raises(ConfigError, match="not tensor-parallel"):
-        cfg.validate()
+        validate(cfg)
 
 
 @pytest.mark.parametrize("G,E_rate,k,experts,top_k,width", [
@@ -363,7 +366,7 @@ def test_fine_grained_config_algebra(G, E_rate, k, experts, top_k, width):
     cfg.model.granularity, cfg.model.expansion_rate, cfg.model.base_top_k = G, E_rate, k
     cfg.model.num_experts, cfg.model.moe_top_k, cfg.model.moe_ffn_hidden_size = 0, 2, None
     cfg.model.add_bias_linear = False
-    cfg.validate()
+    validate(cfg)
     m = cfg.model
     assert (m.num_experts, m.moe_top_k, m.moe_ffn_hidden_size) == (experts, top_k, width)
     info = describe(cfg)
@@ -388,4 +391,4 @@ def test_fine_grained_impossible_combinations(change, match):
     for key, value in change.items():
         setattr(cfg.model, key, value)
     with pytest.raises(ConfigError, match=match):
-        cfg.validate()
+        validate(cfg)

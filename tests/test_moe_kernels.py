@@ -3,9 +3,13 @@ same math, on uneven loads with empty experts, with and without drops, fp32 and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from wider.moe.config import Kernels, MoEConfig
+from wider.moe.layer import configure
 from wider.moe.settings import MoESettings
 
 D, F = 32, 48
@@ -15,7 +19,8 @@ def _moe(E: int, k: int, settings: MoESettings, dtype=torch.float32, device="cpu
     from wider.moe.layer import MoE
 
     torch.manual_seed(seed)
-    moe = MoE(D, E, k, F, settings, renormalize=False, init_std=0.3, output_std=0.3)
+    moe = MoE(MoEConfig(hidden_size=D, num_experts=E, top_k=k, ffn_size=F, settings=settings, init_std=0.3,
+                        output_std=0.3))
     with torch.no_grad():  # uneven loads on inputs with a positive mean (_x): the last two experts are never
         w = moe.deepspeed_moe.gate.wg.weight  # chosen, expert 0 is popular
         w[-2:] = -0.5
@@ -27,8 +32,8 @@ def _x(T: int) -> torch.Tensor:
     return torch.randn(T, D, generator=torch.Generator().manual_seed(T)) + 1.0
 
 
-def _run(moe, x, kernel: str):
-    moe.deepspeed_moe.experts.kernel = kernel
+def _run(moe, x, kernel: str, gather: str = "auto", compile_routing: bool = True):
+    configure(moe, lambda c: dataclasses.replace(c, kernels=Kernels(kernel, gather, compile_routing)))
     x = x.clone().requires_grad_()
     out, aux, _ = moe(x)
     g = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)
@@ -64,12 +69,12 @@ def test_more_experts_than_one_grouped_gemm_call_takes(single_rank, monkeypatch,
     """Above experts.MAX_GROUPS experts (torch's grouped GEMM takes fewer than 1024 groups, and the
     fine-grained grid has 1024 experts at G 16) the GEMM runs in chunks of groups: still the reference math.
     Chunks of 3 here, one of them holding the two experts nobody chooses."""
-    from wider.moe import experts
+    from wider.moe import kernels
 
     moe = _moe(8, 2, MoESettings(capacity_factor=cf, eval_capacity_factor=cf, min_capacity=0))
     x = _x(96)
     ref = _run(moe, x, "loop")
-    monkeypatch.setattr(experts, "MAX_GROUPS", 3)
+    monkeypatch.setattr(kernels, "MAX_GROUPS", 3)
     fast = _run(moe, x, "grouped_mm")
     for a, b in zip(fast[:2] + tuple(fast[2]), ref[:2] + tuple(ref[2])):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -96,14 +101,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _reference_path(moe, x):
     """The reference path: one matmul per expert, torch gathers, eager routing (same dtype as the model)."""
-    from wider.moe import dispatch, layer
-
-    saved = dispatch.GATHER_KERNEL, layer.COMPILE_ROUTING
-    dispatch.GATHER_KERNEL, layer.COMPILE_ROUTING = "torch", False
-    try:
-        return _run(moe, x, "loop")
-    finally:
-        dispatch.GATHER_KERNEL, layer.COMPILE_ROUTING = saved
+    return _run(moe, x, "loop", "torch", False)
 
 
 @cuda
@@ -116,7 +114,6 @@ def test_cuda_bf16_fast_path_without_host_sync(cf):
     and the fp32 reference within 1e-2 in the output and the input gradient (the router's weight gradient is
     a difference of nearly equal bf16 terms: against fp32 it is about 1e-2 off by itself)."""
     from wider import parallel
-    from wider.moe import dispatch
 
     parallel.init_distributed(1)
     try:
@@ -127,10 +124,8 @@ def test_cuda_bf16_fast_path_without_host_sync(cf):
             for a, b in zip(ref32.parameters(), moe.parameters()):
                 a.copy_(b.float())
         assert moe.deepspeed_moe.experts.kernel_name(torch.device("cuda"), torch.bfloat16) == "grouped_mm"
-        assert dispatch.gather_kernel_name(torch.device("cuda")) == "triton"
+        assert "gathers triton" in moe.describe(torch.device("cuda"), torch.bfloat16)
         x = _x(4096).cuda().bfloat16()
-        moe.exchange()
-        ref32.exchange()
         _run(moe, x, "auto")  # compiles the routing (outside the sync check: compilation may synchronise)
         torch.cuda.set_sync_debug_mode("error")
         try:

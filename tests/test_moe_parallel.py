@@ -21,6 +21,8 @@ WORLD, EP = 4, 2
 
 
 def _net(ep_size: int):
+    from wider import parallel
+    from wider.moe.config import MoEConfig
     from wider.moe.layer import MoE
     from wider.moe.settings import MoESettings
 
@@ -29,8 +31,9 @@ def _net(ep_size: int):
 
         def __init__(self):
             super().__init__()
-            self.moe = MoE(D, E, 2, F, MoESettings(capacity_factor=None, ep_size=ep_size, aux_loss_weight=0.01),
-                           init_std=0.3, output_std=0.3)
+            settings = MoESettings(capacity_factor=None, ep_size=ep_size, aux_loss_weight=0.01)
+            self.moe = MoE(MoEConfig(hidden_size=D, num_experts=E, top_k=2, ffn_size=F, settings=settings, init_std=0.3,
+                                     output_std=0.3, groups=parallel.expert_groups(ep_size)))
             self.head = torch.nn.Linear(D, 1)
 
         def forward(self, x):
@@ -54,13 +57,11 @@ def _grad_worker(rank: int, port: int, out_dir: str) -> None:
 
     import patches
     from wider import parallel
-    from wider.moe.layer import ensure_expert_groups
-    from wider.training.loop import make_optimizer
+    from wider.optim import make_optimizer
 
     torch.set_num_threads(1)
     patches.apply_defaults()
     parallel.init_distributed(1)
-    ensure_expert_groups(EP)
     net = _net(EP)
 
     class _T:  # the optimizer settings make_optimizer reads

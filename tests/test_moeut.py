@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from conftest import TINY, assert_ep2_equals_ep1
+from wider.models import validate
 from wider.moe import stats
+from wider.moe.config import MoEConfig, MoERuntime
 from wider.moe.settings import MoESettings, MoESettingsError
 
 D, F, E, K = 16, 8, 6, 3
@@ -22,7 +24,8 @@ def _sigma_moe(settings: MoESettings, **kw):
 
     torch.manual_seed(0)
     # Large init so that outputs are O(1) and the tolerances below mean something.
-    moe = MoE(D, E, K, F, settings, activation="relu", router="sigmoid", init_std=0.5, output_std=0.3, **kw)
+    moe = MoE(MoEConfig(hidden_size=D, num_experts=E, top_k=K, ffn_size=F, settings=settings, activation="relu",
+                        router="sigmoid", init_std=0.5, output_std=0.3, **kw))
     with torch.no_grad():  # a non-trivial router LayerNorm (its init is the identity)
         moe.deepspeed_moe.gate.norm.weight.uniform_(0.5, 1.5)
         moe.deepspeed_moe.gate.norm.bias.uniform_(-0.5, 0.5)
@@ -125,9 +128,9 @@ def test_router_kind_errors_and_entropy_keys():
     from wider.moe.layer import MoE
 
     with pytest.raises(ValueError, match="router 'sigma' is not a router kind; use 'softmax', 'sigmoid' or 'none'"):
-        MoE(D, E, K, F, MoESettings(), router="sigma")
+        MoE(MoEConfig(hidden_size=D, num_experts=E, top_k=K, ffn_size=F, router="sigma"))
     with pytest.raises(ValueError, match="takes no noise and no renormalisation"):
-        MoE(D, E, K, F, MoESettings(), router="sigmoid", renormalize=True)
+        MoE(MoEConfig(hidden_size=D, num_experts=E, top_k=K, ffn_size=F, router="sigmoid", renormalize=True))
     s = MoESettings.from_block({"entropy_weight_ffn": 0.01, "entropy_weight_attention": 0.001})
     assert (s.entropy_weight_ffn, s.entropy_weight_attention) == (0.01, 0.001)
     with pytest.raises(MoESettingsError, match=r"moe\.entropy_weight_attention must be a number >= 0"):
@@ -269,7 +272,7 @@ def _smoke(**model):
     cfg = presets.get("moeut_smoke")
     for k, v in model.items():
         setattr(cfg.model, k, v)
-    return cfg.validate()
+    return validate(cfg)
 
 
 def test_layer_groups_apply_a_b_a_b_with_half_the_unique_parameters(single_rank):
@@ -299,7 +302,7 @@ def test_smoke_count_equals_the_built_model_and_trains_a_step(single_rank):
 
     cfg = _smoke()
     arch = ARCHITECTURES["moeut"]
-    model = arch.build(cfg, 1000, False, MoESettings(capacity_factor=None, eval_capacity_factor=None))
+    model = arch.build(cfg, 1000, False, MoERuntime(MoESettings(capacity_factor=None, eval_capacity_factor=None)))
     pc = arch.count(cfg, 1000)
     assert pc.total == sum(p.numel() for p in model.parameters())
     tokens = torch.randint(0, 1000, (2, 32))
@@ -330,7 +333,7 @@ def test_recompute_full_gives_the_same_loss_aux_and_gradients(single_rank):
     def run(recompute: str):
         cfg = _smoke(recompute=recompute)
         torch.manual_seed(0)
-        model = ARCHITECTURES["moeut"].build(cfg, 1000, False, MoESettings(capacity_factor=None))
+        model = ARCHITECTURES["moeut"].build(cfg, 1000, False, MoERuntime(MoESettings(capacity_factor=None)))
         tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(5))
         stats.clear(model)
         loss = model(tokens, None, None, labels=tokens).mean()
@@ -350,11 +353,11 @@ def test_preset_counts_match_the_paper_and_the_meta_built_model(single_rank, nam
     from wider import presets
     from wider.models import ARCHITECTURES
 
-    cfg = presets.get(name).validate()
+    cfg = validate(presets.get(name))
     pc = ARCHITECTURES["moeut"].count(cfg, 8000)
     assert abs(pc.total / PAPER[name] - 1) < 0.02, (name, pc.total)
     with torch.device("meta"):
-        model = ARCHITECTURES["moeut"].build(cfg, 8000, False, MoESettings(capacity_factor=None))
+        model = ARCHITECTURES["moeut"].build(cfg, 8000, False, MoERuntime(MoESettings(capacity_factor=None)))
     assert pc.total == sum(p.numel() for p in model.parameters())
 
 
@@ -375,7 +378,7 @@ def test_dense_baselines_match_the_moeut_counts_and_recipe(size):
     from wider import presets
     from wider.models import ARCHITECTURES
 
-    dense, moeut = presets.get(f"moeut_dense_{size}").validate(), presets.get(f"moeut_{size}").validate()
+    dense, moeut = validate(presets.get(f"moeut_dense_{size}")), validate(presets.get(f"moeut_{size}"))
     assert dense.model.arch == "gpt" and dense.model.num_experts == 0
     total_dense = ARCHITECTURES["gpt"].count(dense, 8000).total
     total_moeut = ARCHITECTURES["moeut"].count(moeut, 8000).total
@@ -426,8 +429,9 @@ def test_bf16_is_within_a_percent_of_fp32_when_routing_agrees(single_rank, kind)
     def make():  # the same weights twice (megatron modules hold process groups, which deepcopy cannot copy)
         torch.manual_seed(0)
         if kind == "sigma_moe":
-            module = MoE(Dm, 16, 4, 32, MoESettings(capacity_factor=None, eval_capacity_factor=None),
-                         activation="relu", router="sigmoid", init_std=0.1, output_std=0.05)
+            module = MoE(MoEConfig(hidden_size=Dm, num_experts=16, top_k=4, ffn_size=32,
+                                   settings=MoESettings(capacity_factor=None, eval_capacity_factor=None),
+                                   activation="relu", router="sigmoid", init_std=0.1, output_std=0.05))
         else:
             module = SwitchHeadAttention(_megatron_config(Dm, 4), Dm, 4, 16, 4, 2, init_std=0.1, output_std=0.05)
         return _bf16_representable_(module).eval()

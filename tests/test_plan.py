@@ -1,4 +1,4 @@
-"""The per-rank memory plan (wider/plan.py, `python -m wider.info --plan`): arithmetic, layouts, and the
+"""The per-rank memory plan (wider/memory_plan.py, `python -m wider.info --plan`): arithmetic, layouts, and the
 estimate against the measured peak memory of real CPU training runs.
 
 What the measured test compares, and why this way: two short WideNet runs (ZeRO-1, fp32, one rank; one with
@@ -49,7 +49,7 @@ def status():
 from wider.recipe import main, quiet_libraries
 quiet_libraries()
 import wider.models
-from wider.training import checkpoint
+from wider.checkpoint import store as checkpoint
 
 record = {}
 entry = wider.models.ARCHITECTURES[arch]
@@ -83,7 +83,7 @@ def _cfg(argv, default_preset="gpt_smoke"):
 
 
 def _plan(argv, world_size=1, vocab=1000):
-    from wider import plan
+    from wider import memory_plan as plan
 
     return plan.build(_cfg(argv), world_size, vocab)
 
@@ -122,7 +122,7 @@ def test_cuda_gradient_bucket_and_chunked_expert_groups():
     """bf16 (a CUDA run): ZeRO >= 1 holds DeepSpeed's whole reduce bucket in the backward, twice with
     overlap_comm; fp32 (a CPU run) only the gradients written. Expert tensors are stepped in groups of at
     most MOE_GROUP_MAX elements, so the step's temporaries follow the largest group, not all experts."""
-    from wider import plan
+    from wider import memory_plan as plan
 
     bf16 = _plan([*DENSE, "--ds-config", "ds_configs/zero1_bf16.json"], world_size=4)
     assert bf16["device"] == "cuda" and bf16["reduce_bucket_bytes"] == 2 * 500_000_000
@@ -191,7 +191,7 @@ def test_capacity_bounds_the_rows_sent_with_expert_parallelism():
 
 
 def test_recompute_keeps_block_inputs_only():
-    from wider import plan
+    from wider import memory_plan as plan
 
     full = _plan([*MOE, "--recompute", "full"])
     none = _plan(MOE)
@@ -220,7 +220,7 @@ def _saved_bytes(model, T_shape, V):
     """Bytes of the distinct storages autograd keeps for the backward of one forward (parameters excluded)."""
     import torch
 
-    from wider import plan
+    from wider import memory_plan as plan
 
     b, s = T_shape
     tokens, labels = torch.randint(0, V, (b, s)), torch.randint(0, V, (b, s))
@@ -244,8 +244,9 @@ def test_activation_formula_matches_saved_tensors_of_built_model(single_rank, ar
     in the backward), so that case is compared with the kept part."""
     import torch
 
-    from wider import plan
+    from wider import memory_plan as plan
     from wider.models import ARCHITECTURES
+    from wider.moe.config import MoERuntime
     from wider.moe.settings import MoESettings
 
     argv = ["--arch", arch, *BUILT, *extra, "--recompute", recompute,
@@ -253,7 +254,7 @@ def test_activation_formula_matches_saved_tensors_of_built_model(single_rank, ar
     cfg = _cfg(argv)
     p = plan.build(cfg, 1, 1000)
     torch.manual_seed(0)
-    model = ARCHITECTURES[arch].build(cfg, 1000, False, MoESettings(capacity_factor=None) if extra else None)
+    model = ARCHITECTURES[arch].build(cfg, 1000, False, MoERuntime(MoESettings(capacity_factor=None)) if extra else None)
     model.train()
     saved = _saved_bytes(model, (2, 96), 1000)
     acts = p["activations"][f"recompute_{recompute}"]
@@ -262,13 +263,14 @@ def test_activation_formula_matches_saved_tensors_of_built_model(single_rank, ar
 
 
 def test_widenet_shared_layers_counted_once_as_built(single_rank):
-    from wider import plan
+    from wider import memory_plan as plan
     from wider.models import ARCHITECTURES
+    from wider.moe.config import MoERuntime
     from wider.moe.settings import MoESettings
 
     argv = ["--arch", "widenet", *BUILT, "--num-experts", "4", "--moe-top-k", "2"]
     cfg = _cfg(argv)
-    built = ARCHITECTURES["widenet"].build(cfg, 1000, False, MoESettings())
+    built = ARCHITECTURES["widenet"].build(cfg, 1000, False, MoERuntime(MoESettings()))
     n_built = sum(p.numel() for p in built.parameters())  # parameters() yields a shared module once
     p = plan.build(cfg, 1, 1000)
     assert p["params_local"] == p["params_unique"] == n_built
@@ -345,7 +347,7 @@ def _launch(tmp: Path, name: str, argv: list, data_args: list) -> tuple[subproce
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
 def test_estimate_within_25_percent_of_measured_training_peak(data_args, tmp_path):
-    from wider import plan
+    from wider import memory_plan as plan
 
     # Both runs at once: each is one thread, and a process's memory does not depend on its neighbour.
     runs = {name: _launch(tmp_path, name, extra, data_args) for name, extra in

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import REPO, child_env, explain
 from wider.scaling import law as L
+from wider.models import validate
 from wider.scaling import sweep as S
 from wider.scaling.__main__ import main as scaling_main
 
@@ -115,7 +116,7 @@ def test_the_papers_shape_and_flops_match_our_fine_grained_model():
     from wider.models import gpt_moe
 
     assert (L.C_F, L.C_R) == (gpt_moe.C_F, gpt_moe.C_R)
-    cfg = presets.get("fine_768x12").validate()  # resolves G, E into experts, top-k and expert width
+    cfg = validate(presets.get("fine_768x12"))  # resolves G, E into experts, top-k and expert width
     info = describe(cfg)
     G, E = info["extra_granularity"], info["extra_expansion_rate"]
     assert (G, E, cfg.model.num_layers) == (8, 64, 768 // L.ASPECT)

@@ -6,7 +6,6 @@ Runs are shared between tests (session fixtures) because each launch costs secon
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

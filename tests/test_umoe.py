@@ -13,6 +13,8 @@ import torch
 
 from conftest import TINY, assert_ep2_equals_ep1
 from wider.moe import stats
+from wider.models import validate
+from wider.moe.config import MoERuntime
 from wider.moe.settings import MoESettings
 
 S, B = 6, 2  # sequence length, sequences (megatron layout [s, b, d])
@@ -30,14 +32,14 @@ def _cfg(mode: str = "shared", **model):
                     seq_length=S, init_method_std=0.4)
     for k, v in {**defaults, **model}.items():
         setattr(cfg.model, k, v)
-    return cfg.validate()
+    return validate(cfg)
 
 
 def _build(cfg, vocab: int = 64):
     from wider.models import ARCHITECTURES
 
     torch.manual_seed(0)
-    model = ARCHITECTURES["umoe"].build(cfg, vocab, False, SETTINGS)
+    model = ARCHITECTURES["umoe"].build(cfg, vocab, False, MoERuntime(SETTINGS))
     with torch.no_grad():  # non-trivial norms (their init is the identity)
         for name, p in model.named_parameters():
             if "layernorm" in name or "q_norm" in name:
@@ -278,11 +280,11 @@ def test_preset_counts_equal_the_meta_built_model(name):
     from wider import presets
     from wider.models import ARCHITECTURES
 
-    cfg = presets.get(name).validate()
+    cfg = validate(presets.get(name))
     pc = ARCHITECTURES["umoe"].count(cfg, 32000)
     if name in OFFICIAL:
         assert pc.total == OFFICIAL[name]
-    small = presets.get("umoe_small").validate()
+    small = validate(presets.get("umoe_small"))
     if name.startswith("umoe_small_"):  # the baselines are matched to UMoE's size (within 2%)
         assert abs(pc.total / ARCHITECTURES["umoe"].count(small, 32000).total - 1) < 0.02
 
@@ -291,9 +293,9 @@ def test_meta_build_of_the_small_preset(single_rank):
     from wider import presets
     from wider.models import ARCHITECTURES
 
-    cfg = presets.get("umoe_small").validate()
+    cfg = validate(presets.get("umoe_small"))
     with torch.device("meta"):
-        model = ARCHITECTURES["umoe"].build(cfg, 32000, False, SETTINGS)
+        model = ARCHITECTURES["umoe"].build(cfg, 32000, False, MoERuntime(SETTINGS))
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL["umoe_small"]
 
 

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from wider import presets
 from wider.config import ConfigError, RunConfig
+from wider.models import validate
 
 
 def _flag(name: str) -> str:
@@ -103,7 +104,7 @@ def parse(argv: Optional[Sequence[str]] = None, description: str = "", default_p
         if arch is not None and cfg.model.arch != arch:
             raise ConfigError(f"preset {cfg.preset!r} builds model.arch {cfg.model.arch!r}, but this recipe trains "
                               f"{arch!r}; use the recipe for {cfg.model.arch!r} or another preset")
-        cfg.validate()
+        validate(cfg)
     except (ConfigError, OSError, json.JSONDecodeError) as e:
         parser.exit(2, f"error: {e}\n")
     return cfg

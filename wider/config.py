@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -209,12 +208,6 @@ class RunConfig:
                 setattr(sec, k, v)
         return out
 
-    def validate(self, world_size: Optional[int] = None) -> "RunConfig":
-        """Raise ConfigError naming the first invalid value. world_size: also check the parallel layout."""
-        validate(self, world_size)
-        return self
-
-
 def _req(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)
@@ -256,12 +249,12 @@ def resolve_granularity(m: ModelConfig) -> None:
         setattr(m, name, value)
 
 
-def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
+def validate_fields(cfg: RunConfig, world_size: Optional[int] = None) -> None:
+    """Raise ConfigError naming the first invalid value among the fields every architecture shares (and derive the
+    fine-grained expert set). world_size: also check the parallel layout. The architecture's own fields are its
+    validator's (wider.models.validate runs both: this module knows no model)."""
     m, d, t = cfg.model, cfg.data, cfg.train
     resolve_granularity(m)
-    from wider.models import ARCHITECTURES  # late: the registry imports the model code
-
-    _req(m.arch in ARCHITECTURES, f"model.arch {m.arch!r} is unknown; choose one of {sorted(ARCHITECTURES)}")
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by"):
         v = getattr(m, name)
         _req(isinstance(v, int) and v > 0, f"model.{name} must be a positive integer, got {v!r}")
@@ -282,9 +275,6 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         v = getattr(m, name)
         _req(0.0 <= v < 1.0, f"model.{name} must be in [0, 1), got {v!r}")
     _req(m.init_method_std > 0, f"model.init_method_std must be positive, got {m.init_method_std!r}")
-    if m.position_embedding == "rope" and m.arch != "moeut":  # moeut checks its own partial RoPE (rope_dims)
-        head = m.head_dim or m.hidden_size // m.num_attention_heads
-        _req(head % 2 == 0, f"model: RoPE needs an even head dimension, got {head} (head_dim, or hidden_size/heads)")
 
     _req(isinstance(d.data_path, list) and len(d.data_path) > 0,
          "data.data_path is empty; give at least one indexed-dataset prefix")
@@ -334,9 +324,6 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
              f"{t.micro_batch_size} x data-parallel size {dp}; set --global-batch-size to a multiple of "
              f"{t.micro_batch_size * dp}")
 
-    from wider.models import ARCHITECTURES as _A
-    _A[m.arch].validate(cfg, world_size)
-
 
 def parse_blend(items: list) -> tuple[list[str], Optional[list[float]]]:
     """megatron's blend syntax: ['P'] or ['W1', 'P1', 'W2', 'P2', ...] -> (prefixes, weights or None)."""
@@ -371,16 +358,3 @@ def parse_split(split: str) -> list[float]:
     _req(len(w) == 3 and all(x >= 0 for x in w) and w[0] > 0 and w[1] > 0,
          f"data.split {split!r} needs three non-negative weights (train, valid, test) with train and valid > 0")
     return w
-
-
-def cosine_lr(step: int, t: TrainConfig) -> float:
-    """Learning rate after `step` optimizer steps: linear warmup, then decay to min_lr at train_iters."""
-    if t.warmup_iters > 0 and step < t.warmup_iters:
-        return t.lr * (step + 1) / t.warmup_iters
-    if t.lr_decay_style == "constant":
-        return t.lr
-    span = max(1, t.train_iters - t.warmup_iters)
-    frac = min(1.0, (step - t.warmup_iters) / span)
-    if t.lr_decay_style == "linear":
-        return t.min_lr + (t.lr - t.min_lr) * (1.0 - frac)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * frac))

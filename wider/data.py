@@ -10,26 +10,50 @@ one rank that accumulates gradients sees the same samples per step as a run on s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 import torch
 
-from wider.config import RunConfig, parse_blend, parse_split
+from wider.config import ConfigError, ModelConfig, RunConfig, parse_blend, parse_split
+from wider.files import sha256_file
+
+# What `python -m wider.info` assumes when neither model.vocab_size nor the tokenizer file is there (it says so).
+PLANNING_VOCAB = 8000
 
 
 class DataError(RuntimeError):
     """Missing, damaged or mismatched data files. The message names the file and the fix."""
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def model_vocab_size(m: ModelConfig, tokenizer_vocab: Optional[int]) -> int:
+    """The vocabulary a run's model is built with (before megatron pads it): model.vocab_size when set, which must
+    hold every piece of the tokenizer, else the tokenizer's. tokenizer_vocab None: not known (only allowed with
+    model.vocab_size set)."""
+    if m.vocab_size is not None:
+        if tokenizer_vocab is not None and m.vocab_size < tokenizer_vocab:
+            raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} "
+                              "pieces; drop --vocab-size or use the matching tokenizer")
+        return m.vocab_size
+    if tokenizer_vocab is None:
+        raise ConfigError("model.vocab_size is not set and the tokenizer is unknown; give --tokenizer or --vocab-size")
+    return tokenizer_vocab
+
+
+def planning_vocab_size(cfg: RunConfig) -> tuple[int, str]:
+    """(vocabulary, where it came from) for counts and plans made without data: model_vocab_size with the
+    tokenizer file's size when the file exists, else PLANNING_VOCAB (stated as an assumption)."""
+    if cfg.model.vocab_size is not None:
+        return model_vocab_size(cfg.model, None), "model.vocab_size"
+    if os.path.isfile(cfg.data.tokenizer):
+        import sentencepiece as spm
+
+        pieces = spm.SentencePieceProcessor(model_file=cfg.data.tokenizer).GetPieceSize()
+        return model_vocab_size(cfg.model, pieces), cfg.data.tokenizer
+    return PLANNING_VOCAB, f"default {PLANNING_VOCAB} (tokenizer not found)"
 
 
 class SentencePieceTokenizer:

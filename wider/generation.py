@@ -60,8 +60,8 @@ allocated for exactly that many positions).
 MoE layers run dropless during generation (`inference_mode`): with a capacity factor the dropped set depends
 on how many tokens share a forward pass, so a cached step (B tokens) and a full recomputation (B x L tokens)
 would route differently for reasons unrelated to the cache, and a token's output would depend on its batch
-mates. The override replaces each MoE layer's settings by a copy with drop_tokens=False for the duration and
-restores them; training and evaluation keep their capacity. Router noise is training-only already.
+mates. The layers run on a derived configuration for the duration (generation_config: MoEConfig.dropless, eager routing) and get
+their own back afterwards; training and evaluation keep their capacity. Router noise is training-only already.
 use_cache=False recomputes the whole sequence every step through the registry's forward (the reference the
 cached path is tested against, tests/test_generate.py).
 """
@@ -69,7 +69,6 @@ cached path is tested against, tests/test_generate.py).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -78,6 +77,8 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence
 import torch
 
 from wider.moe import stats as moe_stats
+from wider.moe.config import MoEConfig
+from wider.moe.layer import reconfigured
 
 
 class GenerationError(ValueError):
@@ -153,25 +154,23 @@ def next_tokens(logits_BV: torch.Tensor, params: SamplingParams,
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
+def generation_config(c: MoEConfig) -> MoEConfig:
+    """The MoE configuration generation asks for: dropless (the module docstring says why) and eager routing (the
+    compiled router is specialised per token count, dynamic=False: prefill lengths change with every prompt, so
+    eager routing avoids a recompilation per prompt)."""
+    return c.dropless().eager()
+
+
 @contextlib.contextmanager
 def inference_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode, no autograd, and dropless MoE for the duration (the module docstring says why); restores the
-    MoE settings, the compile switch and the training flag afterwards."""
-    from wider.moe import layer as moe_layer
-
+    """Eval mode, no autograd, and every MoE layer on generation_config for the duration; restores the MoE
+    configurations and the training flag afterwards."""
     was_training = model.training
-    compile_routing = moe_layer.COMPILE_ROUTING
-    saved = moe_layer.set_dropless(model)
     try:
-        # The compiled router is specialised per token count (dynamic=False): prefill lengths change with every
-        # prompt, so eager routing avoids a recompilation per prompt.
-        moe_layer.COMPILE_ROUTING = False
         model.eval()
-        with torch.no_grad():
+        with reconfigured(model, generation_config), torch.no_grad():
             yield
     finally:
-        moe_layer.restore_settings(saved)
-        moe_layer.COMPILE_ROUTING = compile_routing
         model.train(was_training)
 
 
@@ -306,135 +305,5 @@ def generate(model: torch.nn.Module, prompt: Sequence[int], params: SamplingPara
                       decode_s=total_s - prefill_s, steps=steps)
 
 
-# --- recipes/generate.py -------------------------------------------------------------------------------------
-
-
-def read_prompts(texts: Optional[Sequence[str]], path: Optional[str], json_key: str = "text") -> list[str]:
-    """Prompts from --prompt (each one a prompt) and --prompt-file: one prompt per non-empty line of a text file,
-    or the `json_key` field of each line of a JSONL file (data_prep/documents.py reads both, .gz / .xz too)."""
-    prompts = list(texts or [])
-    if path is not None:
-        from data_prep.documents import DataPrepError, iter_documents
-
-        try:
-            prompts += list(iter_documents([path], json_key=json_key, text_mode="line"))
-        except DataPrepError as e:
-            raise GenerationError(f"--prompt-file: {e}") from None
-        if not prompts:
-            raise GenerationError(f"--prompt-file {path!r} holds no prompt (no non-empty line)")
-    if not prompts:
-        raise GenerationError("no prompt given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
-    for i, p in enumerate(prompts):
-        if not p.strip():
-            raise GenerationError(f"prompt {i} is empty; give some text (the model continues it)")
-    return prompts
-
-
-def _completion_text(tokenizer, prompt_ids: list, new_ids: list) -> str:
-    """The new tokens as text. SentencePiece drops a word-initial space at the start of a decode, so the
-    completion is the decode of prompt + new minus the decode of the prompt when that is a prefix of it."""
-    full, head = tokenizer.detokenize(prompt_ids + new_ids), tokenizer.detokenize(prompt_ids)
-    return full[len(head):] if full.startswith(head) else tokenizer.detokenize(new_ids)
-
-
-def _atomic_jsonl(path: str, records: list) -> None:
-    import json
-
-    from wider.files import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def run(args) -> int:
-    """recipes/generate.py after argument parsing: load, sample every prompt, print, write --output."""
-    import os
-    import sys
-
-    from tqdm import tqdm
-
-    def fail(msg: str) -> int:
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-        return 2
-
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed)
-    try:
-        params.check()
-        if args.num_samples < 1:
-            raise GenerationError(f"--num-samples {args.num_samples} must be >= 1")
-        prompts = read_prompts(args.prompt, args.prompt_file, args.json_key)
-        if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-            raise GenerationError(f"--output {args.output!r}: its directory does not exist; create it first")
-        if not os.path.exists(args.checkpoint):
-            raise GenerationError(f"--checkpoint {args.checkpoint!r} does not exist; give a run directory (RUN_DIR), "
-                                  "a checkpoint (RUN_DIR/checkpoints/step_XXXXXXXX) or a release directory made by "
-                                  "recipes/export.py")
-        from wider.eval.run import resolve_device, resolve_dtype
-
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-    except ValueError as e:  # GenerationError, wider.eval's EvalError
-        return fail(str(e))
-
-    from wider.checkpoint import CheckpointError, load_for_inference
-    from wider.config import ConfigError
-    from wider.data import DataError
-    from wider.models import ARCHITECTURES
-
-    try:
-        loaded = load_for_inference(args.checkpoint, device=str(device), dtype=dtype)
-    except (CheckpointError, ConfigError, DataError, OSError, ValueError) as e:
-        return fail(f"--checkpoint {args.checkpoint}: {e}")
-    cfg, tok = loaded.config, loaded.tokenizer
-    arch = ARCHITECTURES[cfg.model.arch]
-    seq = cfg.model.seq_length
-    eod = None if args.ignore_eod else tok.eod
-    print(f"wider generate | {loaded.source} (step {'?' if loaded.step is None else loaded.step}) | arch "
-          f"{cfg.model.arch} | seq {seq} | {device} | {str(dtype).replace('torch.', '')} | "
-          f"{'no cache' if args.no_cache else 'kv cache'} | temperature {args.temperature} top-k {args.top_k} "
-          f"top-p {args.top_p} seed {args.seed}", flush=True)
-
-    records, total_new, total_s = [], 0, 0.0
-    bar = tqdm(prompts, desc="prompts", unit="prompt", disable=len(prompts) < 2 or not sys.stderr.isatty())
-    for i, text in enumerate(bar):
-        ids = tok.tokenize(text)
-        # Training sequences see a document start only right after the previous document's EOD
-        # (data_prep/preprocess_data.py appends one to every document), so the EOD is the start-of-text context.
-        prompt_ids = ([tok.eod] if not args.no_eod_prefix else []) + ids
-        seeded = dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
-        try:
-            if not ids:
-                raise GenerationError(f"prompt {i} ({text!r}) tokenizes to no tokens; give some text")
-            out = generate(loaded.model, prompt_ids, seeded, max_length=seq, num_samples=args.num_samples,
-                           incremental=arch.incremental, use_cache=not args.no_cache, eod=eod,
-                           vocab_size=tok.vocab_size, where=f"prompt {i}")
-        except GenerationError as e:
-            bar.close()
-            return fail(str(e))
-        except NotImplementedError as e:  # an architecture without a key/value cache
-            bar.close()
-            return fail(f"{e}")
-        total_new += out.new_tokens
-        total_s += out.prefill_s + out.decode_s
-        for j, new in enumerate(out.tokens):
-            completion = _completion_text(tok, ids, new)
-            tqdm.write(f"--- prompt {i} sample {j} ({len(new)} tokens, {out.stop[j]}) ---\n{text}{completion}")
-            records.append({"prompt_index": i, "sample": j, "prompt": text, "completion": completion,
-                            "tokens": new, "prompt_tokens": len(prompt_ids), "stop": out.stop[j],
-                            "seed": seeded.seed, "checkpoint": loaded.source, "step": loaded.step,
-                            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                            "cache": not args.no_cache})
-        tqdm.write(f"prompt {i}: {out.new_tokens} new tokens in {out.prefill_s + out.decode_s:.2f} s "
-                   f"({out.tokens_per_s:.1f} tokens/s; prefill {out.prefill_s * 1e3:.1f} ms)")
-    bar.close()
-    rate = total_new / total_s if total_s > 0 else float("nan")
-    print(f"{len(records)} samples, {total_new} new tokens, {rate:.1f} tokens/s "
-          f"({'no cache' if args.no_cache else 'kv cache'})", flush=True)
-    if args.output:
-        _atomic_jsonl(args.output, records)
-        print(f"wrote {args.output}", flush=True)
-    return 0
-
-
 __all__ = ["FullRecompute", "Generation", "GenerationError", "IncrementalForward", "SamplingParams", "check_prompt",
-           "filter_logits", "generate", "inference_mode", "next_tokens", "read_prompts", "run"]
+           "filter_logits", "generate", "inference_mode", "next_tokens"]

@@ -7,7 +7,7 @@
 Parameters come from each architecture's closed-form counter (a test checks it against the built model);
 the vocabulary is the tokenizer's when the file exists, else --vocab-size, else 8000 (as stated).
 
---plan adds a per-rank memory estimate (wider/plan.py) for a launch of --world-size ranks (default 1): the
+--plan adds a per-rank memory estimate (wider/memory_plan.py) for a launch of --world-size ranks (default 1): the
 ZeRO stage and precision come from the config's ds_config (--ds-config, --ds-set zero_optimization.stage=2),
 ep_size from its "moe" block (--ds-set moe.ep_size=4), tp from --tensor-parallel, micro-batch, sequence length
 and recompute from the config. It prints the layout and assumptions, then a table of parameters, gradients,
@@ -22,28 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-DEFAULT_VOCAB = 8000
 
-
-def vocab_size(cfg) -> tuple[int, str]:
-    """(vocabulary, where it came from): model.vocab_size, else the tokenizer's, else DEFAULT_VOCAB."""
-    if cfg.model.vocab_size is not None:
-        return cfg.model.vocab_size, "model.vocab_size"
-    if os.path.isfile(cfg.data.tokenizer):
-        import sentencepiece as spm
-
-        return spm.SentencePieceProcessor(model_file=cfg.data.tokenizer).GetPieceSize(), cfg.data.tokenizer
-    return DEFAULT_VOCAB, f"default {DEFAULT_VOCAB} (tokenizer not found)"
-
-
-def describe(cfg, world_size: int = 1) -> dict:
+def describe(cfg) -> dict:
+    """Parameters (unique, non-embedding, active), FLOPs and tokens of a config, from the architecture's counter."""
+    from wider.data import planning_vocab_size
     from wider.models import ARCHITECTURES, training_flops_per_token
 
     m, t = cfg.model, cfg.train
-    vocab, vocab_source = vocab_size(cfg)
+    vocab, vocab_source = planning_vocab_size(cfg)
     pc = ARCHITECTURES[m.arch].count(cfg, vocab)
     fpt = training_flops_per_token(cfg, pc)
     tokens_per_step = t.global_batch_size * m.seq_length
@@ -72,10 +60,10 @@ def main(argv=None) -> int:
         return 2
     cfg = cli.parse(argv, description=__doc__ + "\n--json prints one JSON object; --plan [--world-size N] adds "
                                                 "the per-rank memory plan.")
-    info = describe(cfg, world_size)
+    info = describe(cfg)
     plan = None
     if want_plan:
-        from wider import plan as memory_plan
+        from wider import memory_plan
         from wider.config import ConfigError
 
         try:

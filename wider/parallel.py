@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 
 @dataclass(frozen=True)
-class Layout:
+class RankLayout:
+    """This rank's place in the launch: global rank, tensor- and data-parallel sizes and ranks, its device."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -86,7 +88,7 @@ def build_cpu_comm_op() -> bool:
     return True
 
 
-def init_distributed(tensor_parallel: int = 1, timeout_s: int = 1800) -> Layout:
+def init_distributed(tensor_parallel: int = 1, timeout_s: int = 1800) -> RankLayout:
     """Join the process group the launcher set up (env:// variables), or a one-rank group when started
     without a launcher, then build megatron's tensor/data-parallel groups. gloo on CPU, nccl on GPU."""
     import datetime
@@ -122,17 +124,45 @@ def init_distributed(tensor_parallel: int = 1, timeout_s: int = 1800) -> Layout:
     return current_layout()
 
 
-def current_layout() -> Layout:
+def current_layout() -> RankLayout:
     from megatron.core import parallel_state as ps
 
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return Layout(
+    return RankLayout(
         rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
         tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
         dp=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
         device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
     )
+
+
+def expert_groups(ep_size: int):
+    """The expert-parallel layout of this rank for moe.ep_size (collective on first use: every rank must call it):
+    consecutive ranks split the experts ([0, 1], [2, 3], ... for ep_size 2) and the ranks holding the same experts
+    ([0, 2, ...], [1, 3, ...]) average their gradients. Returns the wider.moe.config.ExpertGroups the MoE layers take.
+
+    DeepSpeed's ZeRO and engine look expert groups up by name in tables of deepspeed.utils.groups, which its own
+    MoE layer fills when the engine wraps the model; DeepSpeed 0.19.8 offers no public call that creates them
+    (groups.initialize is deprecated and raises). So they are created here, once, with the function its MoE layer
+    uses (the legacy consecutive ordering), and read back: this is the one place wider touches those tables."""
+    from deepspeed.utils import groups
+
+    from wider.moe.config import ExpertGroups
+
+    name = f"ep_size_{ep_size}"
+    if not dist.is_initialized():
+        if ep_size == 1:  # a model built outside any launch (inference): no engine will look the groups up
+            return ExpertGroups(ep_size=1, ep_rank=0, group=None, name=name)
+        raise RuntimeError(f"moe.ep_size {ep_size} needs a process group: call wider.parallel.init_distributed() on "
+                           "every rank first (or launch with the deepspeed launcher)")
+    # Even at ep_size 1 the engine reads the expert-data-parallel group (it broadcasts expert weights over it).
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    if ep_size == 1:
+        return ExpertGroups(ep_size=1, ep_rank=0, group=None, name=name)
+    group = groups._get_expert_parallel_group(name)
+    return ExpertGroups(ep_size=ep_size, ep_rank=dist.get_rank(group), group=group, name=name)
 
 
 def destroy() -> None:
@@ -181,11 +211,13 @@ def global_grad_norm(model: torch.nn.Module) -> float:
         sharded = t.cpu()
     total = dense + sharded
     if experts:
-        from deepspeed.utils import groups
+        from wider.moe.layer import moe_layers
 
+        ep_group = {m.expert_group_name: m.config.groups.group for m in moe_layers(model)}
         for name in sorted(experts):
             t = torch.as_tensor(experts[name], dtype=torch.float64).to(dev)
-            dist.all_reduce(t, group=groups._get_expert_parallel_group(name))
+            if ep_group.get(name) is not None:  # ep_size 1 holds every expert: nothing to add up
+                dist.all_reduce(t, group=ep_group[name])
             total += t.cpu()
     return float(total.sqrt())
 

@@ -28,7 +28,7 @@ _save_zero_checkpoint, runtime/zero/stage_1_and_2.py state_dict), in RUN_DIR/che
   the E experts are the ep_size local blocks in ep_rank order (global expert id = ep_rank * L + local id).
 - No ZeRO with experts: `expp_rank_<e>_mp_rank_00_optim_states.pt`, the optimizer state dict of expert-parallel
   rank e ("optimizer"). Without ZeRO the optimizer state dict has no parameter names: its order is that of
-  wider.training.loop.make_optimizer over the model, which is rebuilt (or given) to name them.
+  wider.optim.make_optimizer over the model, which is rebuilt (or given) to name them.
 
 In a bf16 run the fp32 master weights are the optimizer's (ZeRO's flat partitions, or the bf16 optimizer's
 fp32 copies without ZeRO), not the bf16 module copy; in an fp32 run the two are equal.
@@ -44,21 +44,9 @@ from typing import Optional
 
 import torch
 
-MARKER = "complete.json"  # wider.training.checkpoint.MARKER (kept equal; imported there would pull the loop in)
-MODEL_STATES = "mp_rank_00_model_states.pt"
-_EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
-_ZERO_FILE = "{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-_EXPP_FILE = "expp_rank_{rank}_mp_rank_00_optim_states.pt"
+from wider.checkpoint.paths import EXPERT_FILE, EXPP_FILE, MARKER, MODEL_STATES, ZERO_FILE, CheckpointError
+
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
-
-
-from wider.config import ConfigError
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint, run or release directory that cannot be read; the message names the file and the fix.
-    A ConfigError: the directory is an input (--resume, --source), so entry points report it and exit 2."""
-
 
 def _load(path: str):
     """torch.load of a DeepSpeed file (it pickles DeepSpeed objects: fragment_address, ZeroStageEnum, the loss
@@ -99,10 +87,6 @@ class NativeInfo:
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
-
-
-def is_checkpoint_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MODEL_STATES)) or os.path.isfile(os.path.join(path, MARKER))
 
 
 def inspect(path: str, require_complete: bool = True) -> NativeInfo:
@@ -148,11 +132,11 @@ def inspect(path: str, require_complete: bool = True) -> NativeInfo:
 
 
 def _required_files(info: NativeInfo) -> list:
-    names = [_EXPERT_FILE.format(layer=l, expert=e) for l, n in enumerate(info.num_experts) for e in range(n)]
+    names = [EXPERT_FILE.format(layer=l, expert=e) for l, n in enumerate(info.num_experts) for e in range(n)]
     if info.zero_stage in (1, 2):
-        names += [_ZERO_FILE.format(prefix="bf16_" if info.bf16 else "", rank=r) for r in range(info.dp)]
+        names += [ZERO_FILE.format(prefix="bf16_" if info.bf16 else "", rank=r) for r in range(info.dp)]
     elif info.num_experts:
-        names += [_EXPP_FILE.format(rank=e) for e in range(info.ep_size)]
+        names += [EXPP_FILE.format(rank=e) for e in range(info.ep_size)]
     return names
 
 
@@ -231,18 +215,18 @@ _EXPERT_KEY = re.compile(r"^(?P<prefix>.+)\.deepspeed_experts\.(?P<expert>\d+)\.
 
 def _experts(info: NativeInfo, progress: bool) -> dict:
     """Every expert file -> the stacked [E, ...] parameters of the ep_size-1 model."""
-    from wider.moe.layer import _STACKED  # the per-expert key -> stacked parameter names of wider's MoE
+    from wider.moe.layer import STACKED_EXPERT_PARAMS as stacked_names
 
     found: dict = {}  # (module prefix, stacked name) -> {global expert: tensor}
     files = [(l, e) for l, n in enumerate(info.num_experts) for e in range(n)]
     for l, e in _bar(files, progress, "experts"):
-        name = _EXPERT_FILE.format(layer=l, expert=e)
+        name = EXPERT_FILE.format(layer=l, expert=e)
         for key, t in _load(info.file(name)).items():
             m = _EXPERT_KEY.match(key)
-            if not m or int(m["expert"]) != e or m["name"] not in _STACKED:
+            if not m or int(m["expert"]) != e or m["name"] not in stacked_names:
                 raise CheckpointError(f"{info.file(name)!r} holds key {key!r}, not a weight of expert {e} "
-                                      f"({'|'.join(_STACKED)}); the file does not belong to this checkpoint")
-            found.setdefault((m["prefix"], _STACKED[m["name"]]), {})[e] = t.detach().float()
+                                      f"({'|'.join(stacked_names)}); the file does not belong to this checkpoint")
+            found.setdefault((m["prefix"], stacked_names[m["name"]]), {})[e] = t.detach().float()
     out = {}
     for (prefix, stacked), by_expert in found.items():
         n = max(by_expert) + 1
@@ -268,7 +252,7 @@ def _zero_partitions(info: NativeInfo, with_states: bool, progress: bool):
     moe_of: dict = {}
     steps = set()
     for r in _bar(range(info.dp), progress, "ZeRO partitions"):
-        fname = info.file(_ZERO_FILE.format(prefix=prefix, rank=r))
+        fname = info.file(ZERO_FILE.format(prefix=prefix, rank=r))
         osd = _load(fname).get("optimizer_state_dict") or {}
         try:
             flats = osd["single_partition_of_fp32_groups"]
@@ -344,7 +328,7 @@ def _plain_optimizer(info: NativeInfo, model: Optional[torch.nn.Module]):
     """No ZeRO: the optimizer state dict(s) by position -> names (make_optimizer's order over the model). bf16
     runs keep fp32 copies in DeepSpeed's bf16 optimizer ('fp32_groups', same order)."""
     if info.num_experts:
-        per_ep = [_load(info.file(_EXPP_FILE.format(rank=e))).get("optimizer") for e in range(info.ep_size)]
+        per_ep = [_load(info.file(EXPP_FILE.format(rank=e))).get("optimizer") for e in range(info.ep_size)]
     else:
         per_ep = [info.states.get("optimizer")]
     if any(sd is None for sd in per_ep):
@@ -380,11 +364,11 @@ def _plain_optimizer(info: NativeInfo, model: Optional[torch.nn.Module]):
 
 
 def _param_order(info: NativeInfo, model: Optional[torch.nn.Module]) -> list:
-    """Parameter names per optimizer group, in wider.training.loop.make_optimizer's order (which the run used)."""
-    from wider.training.loop import make_optimizer
+    """Parameter names per optimizer group, in wider.optim.make_optimizer's order (which the run used)."""
+    from wider.optim import make_optimizer
 
     if model is None:
-        from wider.checkpoint.model import build_for_config, run_config_of
+        from wider.checkpoint.rebuild import build_for_config, run_config_of
 
         cfg = run_config_of(info)
         model = build_for_config(cfg, moe_block(info, ep_size=1), vocab_size_of(info, cfg))
@@ -415,13 +399,11 @@ def moe_block(info: NativeInfo, ep_size: Optional[int] = None):
 
 
 def vocab_size_of(info: NativeInfo, cfg) -> int:
-    """The vocabulary the run built its model with: model.vocab_size, else the tokenizer's (the training loop's
-    rule; the saved embedding is padded, so it cannot tell)."""
-    if cfg.model.vocab_size:
-        return cfg.model.vocab_size
-    from wider.data import SentencePieceTokenizer
+    """The vocabulary the run built its model with (wider.data.model_vocab_size, the training loop's rule; the saved
+    embedding is padded, so it cannot tell)."""
+    from wider.data import SentencePieceTokenizer, model_vocab_size
 
-    return SentencePieceTokenizer(cfg.data.tokenizer).vocab_size
+    return model_vocab_size(cfg.model, None if cfg.model.vocab_size else SentencePieceTokenizer(cfg.data.tokenizer).vocab_size)
 
 
 def _bar(items, enabled: bool, desc: str):

@@ -26,22 +26,17 @@ from typing import Optional
 
 import torch
 
-from wider.checkpoint.native import CheckpointError
+from wider.checkpoint.native import consolidate, inspect, moe_block
+from wider.checkpoint.paths import (RELEASE_CONFIG as CONFIG, RELEASE_METADATA as METADATA,
+                                    RELEASE_OPTIMIZER as OPTIMIZER, RELEASE_TOKENIZER as TOKENIZER,
+                                    RELEASE_TOKENIZER_META as TOKENIZER_META, RELEASE_TRAINER_STATE as TRAINER_STATE,
+                                    RELEASE_WEIGHTS as WEIGHTS, CheckpointError, resolve)
+from wider.checkpoint.rebuild import build_for_config, load_tensors, run_config_of, tokenizer_for
+from wider.files import atomic_write_json, atomic_write_text
 
 FORMAT = "wider-release"
 FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-METADATA = "metadata.json"
-TOKENIZER = "tokenizer.model"
-TOKENIZER_META = "tokenizer.json"
-OPTIMIZER = "optimizer.safetensors"
-TRAINER_STATE = "trainer_state.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def is_release_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, METADATA)) and os.path.isfile(os.path.join(path, WEIGHTS))
 
 
 def read_release(path: str) -> dict:
@@ -73,14 +68,12 @@ def export(source: str, out_dir: str, dtype: str = "fp32", force: bool = False, 
     directory at out_dir. Returns out_dir. Refuses an existing out_dir unless force."""
     from safetensors.torch import save_file
 
-    from wider.checkpoint import _resolve
-    from wider.checkpoint.model import build_for_config, load_tensors, run_config_of, tokenizer_for
-    from wider.checkpoint.native import consolidate, inspect, moe_block
+    from wider.data import model_vocab_size
     from wider.models import ARCHITECTURES
 
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    kind, ckpt = _resolve(source)
+    kind, ckpt = resolve(source)
     if kind == "release":
         raise CheckpointError(f"{source!r} is already a release directory; export takes a run directory or a "
                               "checkpoint directory (load a release with wider.from_pretrained)")
@@ -92,7 +85,7 @@ def export(source: str, out_dir: str, dtype: str = "fp32", force: bool = False, 
     cfg = run_config_of(info)
     tok = tokenizer_for(cfg.data.tokenizer, info.client.get("tokenizer_sha256"), f"checkpoint {ckpt!r}")
     moe = moe_block(info, ep_size=1)
-    vocab = cfg.model.vocab_size or tok.vocab_size
+    vocab = model_vocab_size(cfg.model, tok.vocab_size)
     log(f"export: {ckpt} (step {info.step}, dp {info.dp}, ep_size {info.ep_size}, ZeRO {info.zero_stage}, "
         f"{'bf16' if info.bf16 else 'fp32'}) -> {out_dir} ({dtype})")
     cons = consolidate(ckpt, optimizer=with_optimizer, info=info, progress=progress)
@@ -111,7 +104,7 @@ def export(source: str, out_dir: str, dtype: str = "fp32", force: bool = False, 
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT, "dtype": dtype})
         config = cfg.to_dict()
         config["moe"] = dataclasses.asdict(moe) if moe is not None else None
-        _write_json(os.path.join(tmp, CONFIG), config)
+        atomic_write_json(os.path.join(tmp, CONFIG), config)
         shutil.copyfile(tok.path, os.path.join(tmp, TOKENIZER))
         tok_meta = os.path.splitext(tok.path)[0] + ".json"  # data_prep/train_tokenizer.py writes PREFIX.json
         if os.path.isfile(tok_meta):
@@ -125,14 +118,13 @@ def export(source: str, out_dir: str, dtype: str = "fp32", force: bool = False, 
                 "vocab_size": vocab, "tokenizer_sha256": tok.sha256, "trained_layout": info.layout(),
                 "with_optimizer": with_optimizer, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "versions": _versions()}
-        _write_json(os.path.join(tmp, METADATA), meta)
+        atomic_write_json(os.path.join(tmp, METADATA), meta)
         if with_optimizer:
             opt = {f"{key}.{name}": t.contiguous() for name, d in cons.optimizer.items() for key, t in d.items()}
             save_file(opt, os.path.join(tmp, OPTIMIZER), metadata={"format": FORMAT})
-            _write_json(os.path.join(tmp, TRAINER_STATE), {"adam_step": cons.adam_step, "step": info.step,
+            atomic_write_json(os.path.join(tmp, TRAINER_STATE), {"adam_step": cons.adam_step, "step": info.step,
                                                            "lr_scheduler": _jsonable(cons.lr_scheduler)})
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(_readme(meta, cfg, moe))
+        atomic_write_text(os.path.join(tmp, "README.md"), _readme(meta, cfg, moe))
         umask = os.umask(0)
         os.umask(umask)
         for name in os.listdir(tmp):  # safetensors writes 0600; a release is meant to be shared like any file
@@ -159,12 +151,6 @@ def _move_into_place(tmp: str, out_dir: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.remove(old)
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def _jsonable(obj):

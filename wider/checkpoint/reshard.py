@@ -94,7 +94,7 @@ def _expert_slices(model: torch.nn.Module) -> dict:
     for module in model.modules():
         if isinstance(module, MoE):
             for p in module.deepspeed_moe.experts.parameters():
-                owner[id(p)] = (module._ep_rank(), module.num_local_experts)
+                owner[id(p)] = (module.ep_rank, module.num_local_experts)
     return {n: owner[id(p)] for n, p in model.named_parameters() if id(p) in owner}
 
 

@@ -22,20 +22,20 @@ name up in a registry that only `lm_eval.models` fills (from its fixed MODEL_MAP
 registry is still empty. Two ways in:
 1. `python -m wider.eval.harness ARGS...` (this module) registers "wider" and runs lm_eval's own CLI with ARGS;
    it works in any environment where wider and lm-eval import.
-2. the plain `lm_eval` / `lm-eval` / `python -m lm_eval` commands of the project's .venv: ./run.sh's set-up
-   installs a one-line .pth file into the venv's site-packages (wider/eval/lm_eval_hook.py). It adds an import
-   hook that, right after `lm_eval.models` has filled the registry, registers "wider" as a lazy entry
-   ("wider.eval.harness:WiderLM") and puts the repository on sys.path. Nothing is imported until lm-eval itself
-   loads its models, lm-eval's files are not touched (a reinstall keeps working), and `pip install lm-eval`
-   cannot overwrite it the way it would overwrite a replaced `lm_eval` script. Registering at that moment
-   matters: registering before lm_eval.models is imported would leave the registry non-empty, so lm-eval would
-   never load its own models (hf, vllm, ...).
+2. the plain `lm_eval` / `lm-eval` / `python -m lm_eval` commands of an environment where wider is installed:
+   ./run.sh's set-up installs a one-line .pth file into the venv's site-packages (`wider-lm-eval-hook install`,
+   wider/eval/lm_eval_hook.py). The line imports the INSTALLED package's hook by module name (no path to any
+   checkout), which adds an import hook that, right after `lm_eval.models` has filled the registry, registers
+   "wider" as a lazy entry ("wider.eval.harness:WiderLM"). Nothing is imported until lm-eval itself loads its
+   models, lm-eval's files are not touched (a reinstall keeps working), and `pip install lm-eval` cannot overwrite
+   it the way it would overwrite a replaced `lm_eval` script. Registering at that moment matters: registering
+   before lm_eval.models is imported would leave the registry non-empty, so lm-eval would never load its own
+   models (hf, vllm, ...).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Optional
 
@@ -44,13 +44,6 @@ from lm_eval.api.model import LM
 MODEL_NAME = "wider"
 TARGET = "wider.eval.harness:WiderLM"
 _log = logging.getLogger(__name__)
-
-
-def _repo_on_path() -> None:
-    """patches/ and data_prep/ live at the repository root, beside wider/."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if root not in sys.path:
-        sys.path.append(root)
 
 
 def _bool(v) -> bool:
@@ -75,9 +68,9 @@ class WiderLM(LM):
         if not checkpoint:
             raise ValueError("--model wider needs --model_args checkpoint=PATH (a run directory, a checkpoint "
                              "directory or a release directory made by recipes/export.py)")
-        _repo_on_path()
         import patches
-        from wider.eval import run
+        from wider.devices import resolve_device, resolve_dtype
+        from wider.eval import session
 
         patches.apply_defaults()
         import torch
@@ -87,18 +80,31 @@ class WiderLM(LM):
             # lm_eval's --device defaults to cuda:0 even when not given; fall back as its hf model does.
             _log.warning("wider: --device %s but no CUDA device is available; using the CPU", device)
             device = "cpu"
-        dev = run.resolve_device(device)
-        dt = run.resolve_dtype(str(dtype), dev)
+        dev = resolve_device(device)
+        dt = resolve_dtype(str(dtype), dev)
         bs = str(batch_size) if batch_size is not None else ""
         if bs.startswith("auto"):  # lm_eval's --batch_size auto: no search here; the run's micro-batch size
             bs = ""
         if bs and (not bs.isdigit() or int(bs) < 1):
             raise ValueError(f"batch_size {batch_size!r} must be a positive integer")
-        self.loaded = run.load(str(checkpoint), dev, dt, _bool(dropless))
-        self.scorer = run.make_scorer(self.loaded, dev, int(bs) if bs else None, progress=True)
-        self._device = dev
-        self.max_gen_toks = int(max_gen_toks)
-        _log.info(run.header(self.loaded, self.scorer, dt))
+        loaded = session.load(str(checkpoint), dev, dt, _bool(dropless))
+        self._attach(loaded, session.make_scorer(loaded, dev, int(bs) if bs else None, progress=True), dev,
+                     max_gen_toks)
+        _log.info(session.header(self.loaded, self.scorer, dt))
+
+    @classmethod
+    def from_loaded(cls, loaded, scorer, device, max_gen_toks: int = 256, progress: bool = True) -> "WiderLM":
+        """A WiderLM over a model that is already loaded (wider.eval.session.load) and its scorer: what
+        recipes/evaluate.py tasks hands to lm-eval's evaluator, so that the checkpoint is read once. progress:
+        False keeps the scorer's progress bars off (lm-eval's evaluator never asks for that itself)."""
+        lm = cls.__new__(cls)
+        LM.__init__(lm)
+        lm._attach(loaded, scorer, device, max_gen_toks, progress)
+        return lm
+
+    def _attach(self, loaded, scorer, device, max_gen_toks: int, progress: bool = True) -> None:
+        self.loaded, self.scorer, self._device = loaded, scorer, device
+        self.max_gen_toks, self.progress = int(max_gen_toks), progress
 
     # lm-eval builds the model as cls(**model_args, **{batch_size, max_batch_size, device} from its own flags), so
     # device= or batch_size= inside --model_args would collide with its defaults (TypeError): model_args win here.
@@ -135,7 +141,7 @@ class WiderLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list:
         pairs = [tuple(r.args) for r in requests]
-        self.scorer.progress = not disable_tqdm
+        self.scorer.progress = self.progress and not disable_tqdm
         out = [(ll, greedy) for ll, greedy, _ in self.scorer.loglikelihood_text(pairs, "lm-eval loglikelihood")]
         for args, res in zip(pairs, out):
             self.cache_hook.add_partial("loglikelihood", args, res)
@@ -146,7 +152,7 @@ class WiderLM(LM):
 
         strings = [r.args[0] for r in requests]
         streams = [np.asarray([self.scorer.eod, *self.loaded.tokenizer.tokenize(s)], dtype=np.int64) for s in strings]
-        self.scorer.progress = not disable_tqdm
+        self.scorer.progress = self.progress and not disable_tqdm
         sums = self.scorer.stream_nll(streams, None, "lm-eval rolling", apply_loss_mask=False)
         out = [-nll for nll, _ in sums]
         for s, res in zip(strings, out):
@@ -157,7 +163,7 @@ class WiderLM(LM):
         from tqdm import tqdm
 
         out = []
-        for r in tqdm(requests, desc="lm-eval generate_until", disable=disable_tqdm):
+        for r in tqdm(requests, desc="lm-eval generate_until", disable=disable_tqdm or not self.progress):
             context, kwargs = r.args
             text = self.greedy_until(context, dict(kwargs or {}))
             self.cache_hook.add_partial("generate_until", (context, kwargs), text)

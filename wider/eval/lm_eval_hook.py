@@ -1,34 +1,34 @@
-"""Make `lm_eval --model wider ...` work in a virtual environment: an import hook installed by a .pth file.
+"""Make `lm_eval --model wider ...` work wherever wider is installed: an import hook started by a .pth file.
 
-    python wider/eval/lm_eval_hook.py install      # ./run.sh's set-up does this for .venv
-    python wider/eval/lm_eval_hook.py uninstall
-    python wider/eval/lm_eval_hook.py status
+    python -m wider.eval.lm_eval_hook install      # ./run.sh's set-up does this for .venv (also: wider-lm-eval-hook)
+    python -m wider.eval.lm_eval_hook uninstall
+    python -m wider.eval.lm_eval_hook status
 
 Why (wider/eval/harness.py has the whole story): lm-eval 0.4.13 finds models only through its registry, which
 `lm_eval.models` fills from a fixed table; it has no plugin entry points. `install` writes one line,
 `wider_lm_eval.pth`, into the interpreter's site-packages. Python runs that line at start-up (site.py executes
-.pth lines that begin with `import`); it loads THIS file from the repository and puts a finder at the front of
-sys.meta_path. The finder does nothing until `lm_eval.models` is imported; then, after that module has run and
-filled the registry, it registers "wider" -> "wider.eval.harness:WiderLM" (a lazy entry: nothing of wider
-or torch is imported until a run asks for --model wider) and appends the repository root to sys.path so that
-`wider` and `patches` import.
+.pth lines that begin with `import`): when a package `wider` is importable, it imports this module FROM THE
+INSTALLED PACKAGE (by name, not by a path to some checkout) and puts a finder at the front of sys.meta_path. The
+finder does nothing until `lm_eval.models` is imported; then, after that module has run and filled the registry,
+it registers "wider" -> "wider.eval.harness:WiderLM" (a lazy entry: nothing of wider or torch is imported until a
+run asks for --model wider).
 
 This file uses the standard library only and must stay cheap: it runs at every interpreter start-up of the
-environment. If the repository moves, the .pth line finds no file and does nothing (rerun `install`).
+environment (importing `wider` and `wider.eval`, whose __init__ files import nothing). If wider is uninstalled,
+the .pth line finds no package and does nothing.
 """
 
 import os
 import sys
 
-MODULE = "_wider_lm_eval_hook"
 PTH = "wider_lm_eval.pth"
 TARGET_MODULE = "lm_eval.models"
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run by site.py at start-up. find_spec first: without an installed wider the line is a no-op, not an error.
+PTH_LINE = ("import importlib.util as _u; _u.find_spec('wider') is not None and "
+            "__import__('wider.eval.lm_eval_hook', fromlist=['activate']).activate()\n")
 
 
 def _register_wider() -> None:
-    if REPO not in sys.path:
-        sys.path.append(REPO)
     from lm_eval.api.registry import model_registry
 
     if "wider" not in model_registry:
@@ -79,15 +79,6 @@ def activate() -> None:
         _register_wider()
 
 
-def pth_line(hook_file: str) -> str:
-    """The .pth line: if this file still exists, run it as module _wider_lm_eval_hook, then activate(). Plain
-    exec of the source (no importlib.util, which would cost a few milliseconds at every start-up)."""
-    return (f"import os, sys; _p = {hook_file!r}; "
-            f"_m = os.path.isfile(_p) and sys.modules.setdefault({MODULE!r}, type(sys)({MODULE!r})); "
-            f"_m and (_m.__dict__.update(__file__=_p), exec(compile(open(_p).read(), _p, 'exec'), _m.__dict__), "
-            f"_m.activate())\n")
-
-
 def site_packages() -> str:
     import sysconfig
 
@@ -95,12 +86,10 @@ def site_packages() -> str:
 
 
 def install(target_dir: str | None = None) -> str:
-    d = target_dir or site_packages()
-    path = os.path.join(d, PTH)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(pth_line(os.path.abspath(__file__)))
-    os.replace(tmp, path)
+    from wider.files import atomic_write_text
+
+    path = os.path.join(target_dir or site_packages(), PTH)
+    atomic_write_text(path, PTH_LINE)
     return path
 
 
@@ -111,7 +100,8 @@ def uninstall(target_dir: str | None = None) -> str:
     return path
 
 
-def main(argv: list[str]) -> int:
+def main(argv: "list[str] | None" = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     cmd = argv[0] if argv else "status"
     target = argv[1] if len(argv) > 1 else None
     if cmd == "install":
@@ -122,10 +112,10 @@ def main(argv: list[str]) -> int:
         path = os.path.join(target or site_packages(), PTH)
         print(f"{path}: {'installed' if os.path.isfile(path) else 'not installed'}")
     else:
-        print(f"usage: python {os.path.relpath(__file__)} install|uninstall|status [SITE_DIR]", file=sys.stderr)
+        print("usage: python -m wider.eval.lm_eval_hook install|uninstall|status [SITE_DIR]", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -17,7 +17,6 @@ Token streams (wider/eval/scoring.py has the window convention):
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -72,22 +71,12 @@ class _LeadingEOD:
         return np.concatenate([[self.eod], np.asarray(self.body[:b - 1], dtype=np.int64)])
 
 
-def _data_prep():
-    """data_prep/ lives at the repository root, beside wider/ (entry scripts put the root on sys.path)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if root not in sys.path:
-        sys.path.append(root)
-    from data_prep import documents
-
-    return documents
-
-
 def text_stream(paths: list[str], tokenizer: SentencePieceTokenizer, json_key: str = "text",
                 text_mode: str = "file", limit: Optional[int] = None) -> tuple[_LeadingEOD, int, int]:
     """(stream, documents, UTF-8 bytes) of text / JSONL / parquet files, tokenized as preprocess_data.py does."""
     from array import array
 
-    documents = _data_prep()
+    from data_prep import documents
     ids = array("q")  # 8 bytes a token (a list of Python ints would take about 36)
     n_docs = n_bytes = 0
     try:
@@ -140,8 +129,8 @@ def run_data_parallel(source: str) -> Optional[int]:
     """The data-parallel size the weights were trained with (a checkpoint's layout, or the trained_layout a
     release records), None when unknown."""
     from wider.checkpoint import inspect
-    from wider.checkpoint.native import is_checkpoint_dir
-    from wider.checkpoint.release import is_release_dir, read_release
+    from wider.checkpoint.paths import is_checkpoint_dir, is_release_dir
+    from wider.checkpoint.release import read_release
 
     if is_release_dir(source):
         dp = read_release(source)["meta"].get("trained_layout", {}).get("dp")
@@ -172,7 +161,7 @@ def score_validation(scorer: Scorer, index_cache: str, data_parallel: int = 1,
     ids = range(n if limit is None else min(n, limit))
     groups = [g for r in range(data_parallel) for g in eval_micro_batches(ids, data_parallel, r, scorer.batch_size)]
     total = np.zeros(2, dtype=np.float64)
-    with scorer._bar(len(groups), "validation split") as bar:
+    with scorer.progress_bar(len(groups), "validation split") as bar:
         for group in groups:
             tokens, pos, mask, labels, loss_mask = unpack(stack_samples(splits.valid, group, scorer.device))
             per_tok = _forward_sample(scorer, tokens, pos, mask, labels)

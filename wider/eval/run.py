@@ -20,80 +20,10 @@ from typing import Optional
 
 import torch
 
-from wider.eval.scoring import EvalError, Scorer, set_dropless
+from wider.devices import DeviceError, dtype_name, resolve_device, resolve_dtype
+from wider.eval.scoring import EvalError, Scorer
+from wider.eval.session import header, load, make_scorer, moe_mode, output_dir_for
 from wider.files import atomic_write_json
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise EvalError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return dev
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto = bf16 on CUDA (the precision GPU runs train in), fp32 on CPU (exact comparisons)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise EvalError(f"--dtype {name!r} is invalid; use auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def output_dir_for(path: str) -> str:
-    """The run directory of a run / checkpoint path, or the (release) directory itself."""
-    p = os.path.abspath(path)
-    if os.path.isdir(os.path.join(p, "checkpoints")):
-        return p
-    parent = os.path.dirname(p)
-    if os.path.basename(parent) == "checkpoints":
-        return os.path.dirname(parent)
-    return p
-
-
-def load(path: str, device: torch.device, dtype: torch.dtype, dropless: bool = False):
-    """wider.checkpoint.load_for_inference (a run directory, a checkpoint directory or a release directory),
-    then dropless MoE if asked for."""
-    if not os.path.exists(path):
-        raise EvalError(f"--checkpoint {path!r} does not exist; give a run directory (RUN_DIR), a checkpoint "
-                        "(RUN_DIR/checkpoints/step_XXXXXXXX) or a release directory made by recipes/export.py")
-    from wider.checkpoint import load_for_inference
-
-    loaded = load_for_inference(path, device=str(device), dtype=dtype)
-    if dropless:
-        set_dropless(loaded.model)
-    return loaded
-
-
-def make_scorer(loaded, device: torch.device, batch_size: Optional[int], progress: bool = True) -> Scorer:
-    """batch_size None = the run's micro-batch size (MoE capacity then sees the token count of the run's own
-    evaluation batches)."""
-    bs = loaded.config.train.micro_batch_size if batch_size is None else batch_size
-    return Scorer(loaded.model, loaded.tokenizer, loaded.config, device, bs, progress)
-
-
-def moe_mode(loaded) -> str:
-    from wider.moe import stats as moe_stats
-
-    layers = moe_stats.moe_layers(loaded.model)
-    if not layers:
-        return "dense"
-    factors = {layer.settings.capacity_factor_for(False) for layer in layers}
-    return "dropless" if factors == {None} else f"eval capacity factor {', '.join(str(f) for f in factors)}"
-
-
-def header(loaded, scorer: Scorer, dtype: torch.dtype) -> str:
-    m = loaded.config.model
-    step = "?" if loaded.step is None else loaded.step
-    return (f"wider eval | {loaded.source} (step {step}) | arch {m.arch} | seq {m.seq_length} | "
-            f"{scorer.device} | {str(dtype).replace('torch.', '')} | batch {scorer.batch_size} | moe: {moe_mode(loaded)}")
 
 
 def scalars_of(name: str, metrics: dict, prefix: str = "eval") -> dict:
@@ -136,7 +66,7 @@ def record(out_dir: str, name: str, kind: str, loaded, metrics: dict, settings: 
 
 
 def _settings(a, scorer: Scorer, dtype: torch.dtype, loaded, **extra) -> dict:
-    return {"device": str(scorer.device), "dtype": str(dtype).replace("torch.", ""), "batch_size": scorer.batch_size,
+    return {"device": str(scorer.device), "dtype": dtype_name(dtype), "batch_size": scorer.batch_size,
             "limit": a.limit, "moe": moe_mode(loaded), **extra}
 
 
@@ -197,31 +127,37 @@ def perplexity(a) -> int:
 
 
 def tasks(a) -> int:
-    """recipes/evaluate.py tasks: zero-shot tasks from local files."""
+    """recipes/evaluate.py tasks: zero-shot tasks from local files, run by lm-evaluation-harness's evaluator with
+    the `wider` lm-eval model (wider/eval/tasks.py)."""
+    from importlib.metadata import version
+
     from wider.eval import tasks as T
+    from wider.eval.harness import WiderLM
 
     names = T.resolve_names(a.tasks)
     overrides = parse_task_files(a.task_file)
     unknown = sorted(set(overrides) - set(T.TASKS))
     if unknown:
         raise EvalError(f"--task-file names unknown task(s) {unknown}; available: {', '.join(sorted(T.TASKS))}")
-    paths = {n: T.task_path(n, a.task_dir, overrides) for n in names}  # every file checked before loading
+    paths = {n: T.task_path(n, a.task_dir, overrides) for n in names}
+    built = {n: T.build(n, paths[n], a.limit) for n in names}  # every file read and checked before loading
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     loaded = load(a.checkpoint, device, dtype, a.dropless)
     scorer = make_scorer(loaded, device, a.batch_size, not a.no_progress)
+    lm = WiderLM.from_loaded(loaded, scorer, device, progress=not a.no_progress)
     out_dir = a.output_dir or output_dir_for(a.checkpoint)
     print(header(loaded, scorer, dtype), flush=True)
     all_metrics = {}
     for n in names:
         t0 = time.time()
         scorer.truncated = 0
-        metrics = T.evaluate_task(scorer, n, paths[n], a.limit)
+        metrics = T.evaluate(lm, built[n])
         metrics["truncated_requests"] = scorer.truncated
-        record(out_dir, n, "task", loaded, metrics, _settings(a, scorer, dtype, loaded, path=os.path.abspath(paths[n])),
-               not a.no_write)
-        shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                           if k in ("acc", "acc_norm", "ppl", "acc_macro"))
+        settings = _settings(a, scorer, dtype, loaded, path=os.path.abspath(paths[n]), lm_eval=version("lm_eval"))
+        record(out_dir, n, "task", loaded, metrics, settings, not a.no_write)
+        shown = " | ".join(f"{k} {metrics[k]:.4f}" for k in ("acc", "acc_norm", "ppl", "acc_macro")
+                           if metrics.get(k) is not None)
         print(f"{n}: {shown} | n {metrics['n']} | {time.time() - t0:.1f} s", flush=True)
         all_metrics[n] = metrics
     _finish(a, out_dir, loaded, all_metrics)
@@ -253,13 +189,7 @@ def main(a) -> int:
     from wider.config import ConfigError
     from wider.data import DataError
 
-    errors: tuple = (EvalError, DataError, ConfigError)
-    try:
-        from wider.checkpoint import CheckpointError  # the loader's own error class, when it has one
-
-        errors += (CheckpointError,)
-    except ImportError:
-        pass
+    errors: tuple = (EvalError, DeviceError, DataError, ConfigError)  # CheckpointError is a ConfigError
     try:
         return perplexity(a) if a.command == "perplexity" else tasks(a)
     except errors as e:

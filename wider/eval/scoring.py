@@ -28,8 +28,8 @@ lm-evaluation-harness adapter), so that they agree to the last bit on the same r
   are log_softmax over the full (padded) vocabulary in fp32, the normaliser that loss uses.
 - MoE: the model is in eval mode, so each MoE layer applies moe.eval_capacity_factor over the tokens of one
   forward call (the batch, padding included): like the training run's evaluation, results then depend on the
-  batch composition. `set_dropless` lifts the capacity (every assignment is computed), which makes scores
-  independent of batching.
+  batch composition. --dropless (wider.moe.layer.configure with MoEConfig.dropless) lifts the capacity (every
+  assignment is computed), which makes scores independent of batching.
 """
 
 from __future__ import annotations
@@ -45,14 +45,6 @@ from wider.moe import stats as moe_stats
 
 class EvalError(ValueError):
     """Bad evaluation input (a task file, a flag, a request); the message names it and says how to fix it."""
-
-
-def set_dropless(model: torch.nn.Module) -> int:
-    """Evaluate every MoE layer without capacity (no assignment dropped), for the rest of the model's life (the CLI's
-    --dropless). Returns the number of layers changed."""
-    from wider.moe.layer import set_dropless as moe_set_dropless
-
-    return len(moe_set_dropless(model))
 
 
 def window_plan(n_tokens: int, seq_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -96,7 +88,7 @@ class Scorer:
 
     # --- model calls -------------------------------------------------------------------------------------
 
-    def _bar(self, total: int, desc: str):
+    def progress_bar(self, total: int, desc: str):
         from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, unit="batch", disable=not self.progress, leave=False,
@@ -147,7 +139,7 @@ class Scorer:
         totals = np.zeros(len(streams), dtype=np.float64)
         counts = np.zeros(len(streams), dtype=np.int64)
         batches = _batches_by(jobs, self.batch_size, key=lambda j: j[2])
-        with self._bar(len(batches), desc) as bar:
+        with self.progress_bar(len(batches), desc) as bar:
             for batch in batches:
                 n = batch[0][2]
                 rows = [np.asarray(streams[i][s:s + n + 1], dtype=np.int64) for i, s, _, _ in batch]
@@ -211,7 +203,7 @@ class Scorer:
         order = sorted(rows, key=len, reverse=True)
         out: list = [None] * len(requests)
         batches = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
-        with self._bar(len(batches), desc) as bar:
+        with self.progress_bar(len(batches), desc) as bar:
             for batch in batches:
                 S = len(batch[0])
                 tokens_BS = torch.full((len(batch), S), self.eod, dtype=torch.long)

@@ -1,47 +1,59 @@
-"""Zero-shot tasks from local files in their public formats, scored the way the papers (and
-lm-evaluation-harness, whose prompts these are) score them. Nothing is downloaded: a missing file is an error
-that names the path it was looked for at and where to get it.
+"""Zero-shot tasks from local files in their public formats, run as lm-evaluation-harness tasks: the prompts,
+choices, metrics, aggregations and standard errors are the harness's own. Nothing is downloaded: a missing file is
+an error that names the path it was looked for at and where to get it.
 
-Every task is a list of (context, continuation) log-likelihood requests for wider.eval.scoring.Scorer:
-- multiple choice (PIQA, HellaSwag, ARC-Easy): the candidate with the highest log P(" " + choice | context)
-  is the answer: `acc`. `acc_norm` divides each log-likelihood by the candidate's length in characters (the
-  choice string without the leading space: lm-evaluation-harness 0.4's acc_norm, lm_eval/api/task.py), which
-  removes the bias towards short answers; GPT-3 and lm-evaluation-harness report it for these tasks.
-  Prompts are lm-evaluation-harness's: PIQA "Question: {goal}\\nAnswer:", ARC "Question: {stem}\\nAnswer:",
-  HellaSwag "{activity_label}: {ctx_a} {ctx_b capitalised}" with its WikiHow bracket clean-up.
-- LAMBADA (OpenAI's lambada_test.jsonl): the target is the final whitespace-separated word, the context all
-  before it; `acc` = greedy decoding reproduces every token of " " + word; `ppl` = exp(-mean over examples of
-  log P(word | context)) (lm-evaluation-harness's per-example perplexity aggregation).
-- BLiMP: for each minimal pair, `acc` = log P(sentence_good) > log P(sentence_bad), whole sentences scored
-  from the document start (empty context, as lm-evaluation-harness does); reported per paradigm (one JSONL
-  per paradigm) and over all pairs.
-- CBT (Children's Book Test, CN and NE): each candidate is substituted for XXXXX and the candidate plus the
-  rest of the query sentence is scored given the 20 story sentences and the query's start (the GPT-2 paper's
-  method); `acc` only (the scored continuations share their tail, no length normalisation).
+This module holds the task list, the file layout under --task-dir, and one reader per public format. A reader
+checks the file (errors name FILE:LINE, the problem and the expected format) and returns documents laid out as
+the Hugging Face dataset that lm-eval's definition of the task reads; wider/eval/task_defs.py makes lm-eval tasks
+of them (`build`), and `evaluate` runs one through lm-eval's evaluator (lm_eval.evaluator.evaluate) with an
+lm-eval model; recipes/evaluate.py uses the project's `wider` model (wider.eval.harness.WiderLM).
 
-Accuracies come with their standard error (sample standard deviation / sqrt(n), as lm-evaluation-harness).
+task            public file                      lm-eval definition                 fields
+lambada         OpenAI's lambada_test.jsonl      lambada_openai.yaml                text
+piqa            valid.jsonl + valid-labels.lst   piqa.yaml                          goal, sol1, sol2; label (.lst)
+hellaswag       hellaswag_val.jsonl              hellaswag.yaml + its process_docs  activity_label, ctx_a, ctx_b,
+                                                                                    endings, label (a string)
+arc_easy        AI2's ARC-Easy-Test.jsonl        arc_easy.yaml                      question.stem -> question,
+                                                                                    question.choices -> choices
+                                                                                    {text: [...], label: [...]},
+                                                                                    answerKey
+blimp           one JSONL per paradigm           blimp/_template_yaml per paradigm  sentence_good, sentence_bad
+                                                 (blimp_<paradigm>), grouped
+cbt_cn, cbt_ne  CBTest's text format             ours (task_defs.cbt_config)        lines 1-20 -> sentences;
+                                                                                    line 21 -> question, answer,
+                                                                                    options
+
+Metrics are lm-eval's definitions; where one differs from what this module computed before it ran the harness,
+the note says so, and the harness's definition is the one used.
+- Multiple choice (PIQA, HellaSwag, ARC-Easy, CBT, BLiMP's pairs): `acc` = the choice with the highest
+  log-likelihood is the gold one; `acc_norm` (PIQA, HellaSwag, ARC-Easy) = the same with each log-likelihood
+  divided by its choice's length in characters (the choice string without the target delimiter). Unchanged.
+- LAMBADA: the context is the passage up to its last space, the target " " + the word after it. lm-eval splits at
+  single spaces; the earlier reader split at any whitespace and dropped trailing whitespace, which differs only on
+  passages that are not in OpenAI's format. `acc` = greedy decoding reproduces every token of the target; `ppl` =
+  exp(-mean over passages of log P(target | context)), lm-eval's `perplexity` aggregation (the same as before,
+  reported under the name ppl).
+- BLiMP: `acc` per paradigm (a task each) and over all pairs (the group `blimp`, paradigms weighted by their
+  size), as before; `acc_macro` = the unweighted mean of the paradigms' acc, which is what lm-eval's own `blimp`
+  group reports (equal to acc on the full BLiMP, 1000 pairs per paradigm).
+- Standard errors are lm-eval's: sample standard deviation / sqrt(n) for accuracies, as before, but "N/A"
+  (written as null) instead of NaN for a single example; a bootstrap (lm-eval's default 100000 resamples) for
+  LAMBADA's ppl, which was not reported before; for BLiMP's overall acc, the pooled within-paradigm standard
+  error lm-eval computes for a size-weighted group, which leaves out the variance between paradigms (before: the
+  standard error over all pairs); for acc_macro, the standard error of an unweighted mean of the paradigms.
+- The log-likelihood requests are the ones the earlier code made, in the same order (documents, then choices),
+  so acc, acc_norm and ppl are unchanged (but for the LAMBADA split above); the standard errors differ as said.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
-import re
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
-from wider.eval.scoring import EvalError, Scorer
-
-
-@dataclass
-class Example:
-    """One multiple-choice item: candidates are scored as context + delimiter + choice."""
-
-    context: str
-    choices: list
-    gold: int
-    delimiter: str = " "
+from wider.eval.scoring import EvalError
 
 
 @dataclass(frozen=True)
@@ -49,9 +61,7 @@ class TaskSpec:
     name: str
     path: str  # where the file (or, for BLiMP, the directory of paradigm files) lies under --task-dir
     source: str  # the public source to get it from
-    kind: str  # "multiple_choice" | "lambada" | "blimp"
-    acc_norm: bool
-    read: Callable  # (path, limit) -> list[Example] (lambada: list[(context, target)])
+    read: Callable  # (path, limit) -> documents (lm-eval's field layout for the task)
 
 
 # --- readers (one per public format) -----------------------------------------------------------------------
@@ -81,21 +91,30 @@ def _field(obj: dict, key: str, path: str, lineno: int, fmt: str):
     return obj[key]
 
 
+def _text(obj: dict, key: str, path: str, lineno: int, fmt: str) -> str:
+    value = _field(obj, key, path, lineno, fmt)
+    if not isinstance(value, str):
+        raise EvalError(f"{path}:{lineno}: {key!r} must be a string, got {type(value).__name__}; expected {fmt}")
+    return value
+
+
 def read_lambada(path: str, limit: Optional[int]) -> list:
+    fmt = 'OpenAI\'s lambada_test.jsonl lines {"text": ...}'
     out = []
     for lineno, obj in _jsonl(path, limit):
-        text = _field(obj, "text", path, lineno, 'OpenAI\'s lambada_test.jsonl lines {"text": ...}')
-        m = re.match(r"^(.*\S)\s+(\S+)\s*$", str(text), re.S)
-        if not m:
-            raise EvalError(f"{path}:{lineno}: the passage has fewer than two words; nothing to predict")
-        out.append((m.group(1), " " + m.group(2)))
+        text = _text(obj, "text", path, lineno, fmt)
+        words = text.split(" ")
+        if len(words) < 2 or not words[-1] or not " ".join(words[:-1]).strip():
+            raise EvalError(f"{path}:{lineno}: the passage must be words separated by single spaces, the last one "
+                            f"the target (lm-eval's lambada_openai splits at the last space); got {text[-60:]!r}")
+        out.append({"text": text})
     return out
 
 
 def read_blimp_file(path: str, limit: Optional[int]) -> list:
     fmt = 'BLiMP lines {"sentence_good": ..., "sentence_bad": ...}'
-    return [Example("", [str(_field(o, "sentence_good", path, n, fmt)), str(_field(o, "sentence_bad", path, n, fmt))], 0)
-            for n, o in _jsonl(path, limit)]
+    return [{"sentence_good": _text(o, "sentence_good", path, n, fmt),
+             "sentence_bad": _text(o, "sentence_bad", path, n, fmt)} for n, o in _jsonl(path, limit)]
 
 
 def blimp_files(path: str) -> list[str]:
@@ -107,6 +126,11 @@ def blimp_files(path: str) -> list[str]:
                             f"data/ folder there ({TASKS['blimp'].source})")
         return files
     return [path]
+
+
+def blimp_paradigm(path: str) -> str:
+    """The paradigm a BLiMP file holds: its name without .jsonl (anaphor_number_agreement.jsonl, ...)."""
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def piqa_labels_path(path: str) -> str:
@@ -130,32 +154,25 @@ def read_piqa(path: str, limit: Optional[int]) -> list:
                             "labels file that belongs to it")
         if labels[i] not in ("0", "1"):
             raise EvalError(f"{labels_path}:{i + 1}: label {labels[i]!r} is not 0 or 1")
-        out.append(Example(f"Question: {_field(o, 'goal', path, n, fmt)}\nAnswer:",
-                           [str(_field(o, "sol1", path, n, fmt)), str(_field(o, "sol2", path, n, fmt))], int(labels[i])))
+        out.append({"goal": _text(o, "goal", path, n, fmt), "sol1": _text(o, "sol1", path, n, fmt),
+                    "sol2": _text(o, "sol2", path, n, fmt), "label": int(labels[i])})
     return out
-
-
-def _hellaswag_clean(text: str) -> str:
-    """lm-evaluation-harness's HellaSwag preprocessing (lm_eval/tasks/hellaswag/utils.py): the brackets are
-    artifacts of the WikiHow part of the data."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
 
 
 def read_hellaswag(path: str, limit: Optional[int]) -> list:
     fmt = "hellaswag_val.jsonl lines with ctx_a, ctx_b, activity_label, endings, label"
     out = []
     for n, o in _jsonl(path, limit):
-        ctx = f"{_field(o, 'ctx_a', path, n, fmt)} {str(_field(o, 'ctx_b', path, n, fmt)).capitalize()}"
         endings = _field(o, "endings", path, n, fmt)
         label = _field(o, "label", path, n, fmt + " (the test split has no labels: use hellaswag_val.jsonl)")
-        if not isinstance(endings, list) or not endings or not str(label).lstrip("-").isdigit() \
-                or not 0 <= int(label) < len(endings):
-            raise EvalError(f"{path}:{n}: 'endings' must be a list and 'label' an index into it, got "
-                            f"{len(endings) if isinstance(endings, list) else endings!r} and {label!r}")
-        out.append(Example(_hellaswag_clean(f"{_field(o, 'activity_label', path, n, fmt)}: {ctx}"),
-                           [_hellaswag_clean(str(e)) for e in endings], int(label)))
+        if not isinstance(endings, list) or not endings or not all(isinstance(e, str) for e in endings) \
+                or not str(label).isdigit() or not int(label) < len(endings):
+            raise EvalError(f"{path}:{n}: 'endings' must be a list of strings and 'label' an index into it, got "
+                            f"{len(endings) if isinstance(endings, list) else endings!r} endings and {label!r}")
+        # The Hugging Face dataset's label is a string; lm-eval's process_docs takes int() of it.
+        out.append({"activity_label": _text(o, "activity_label", path, n, fmt),
+                    "ctx_a": _text(o, "ctx_a", path, n, fmt), "ctx_b": _text(o, "ctx_b", path, n, fmt),
+                    "endings": endings, "label": str(label)})
     return out
 
 
@@ -175,13 +192,18 @@ def read_arc(path: str, limit: Optional[int]) -> list:
         key = str(_field(o, "answerKey", path, n, fmt))
         if key not in labels:
             raise EvalError(f"{path}:{n}: answerKey {key!r} is none of the choice labels {labels}")
-        out.append(Example(f"Question: {_field(q, 'stem', path, n, fmt)}\nAnswer:", texts, labels.index(key)))
+        # The Hugging Face allenai/ai2_arc layout: the stem as `question`, the choices as lists of texts and labels.
+        out.append({"id": str(o.get("id", "")), "question": _text(q, "stem", path, n, fmt),
+                    "choices": {"text": texts, "label": labels}, "answerKey": key})
     return out
 
 
 def read_cbt(path: str, limit: Optional[int]) -> list:
     """The Children's Book Test text format: lines "1 sentence" .. "20 sentence", then
-    "21 query with XXXXX<TAB>answer<TAB><TAB>cand1|cand2|...", then a blank line."""
+    "21 query with XXXXX<TAB>answer<TAB><TAB>cand1|cand2|...", then a blank line; as the Hugging Face `cbt`
+    dataset's fields (sentences, question, answer, options)."""
+    from wider.eval.task_defs import QUERY_BLANK
+
     out: list = []
     story: list[str] = []
     with open(path, encoding="utf-8") as f:
@@ -203,13 +225,10 @@ def read_cbt(path: str, limit: Optional[int]) -> list:
             if len(parts) < 3:
                 raise EvalError(f"{path}:{lineno}: the query line needs 'query<TAB>answer<TAB><TAB>candidates'")
             query, answer, cands = parts[0].strip(), parts[1].strip(), [c for c in parts[-1].strip().split("|") if c]
-            if "XXXXX" not in query or answer not in cands:
-                raise EvalError(f"{path}:{lineno}: the query must contain XXXXX and the answer {answer!r} must be "
-                                f"among the candidates {cands}")
-            before, after = query.split("XXXXX", 1)
-            context = " ".join(story + ([before.rstrip()] if before.strip() else []))
-            delimiter = "" if before and not before[-1].isspace() else " "  # "``XXXXX": no space to add
-            out.append(Example(context, [c + after for c in cands], cands.index(answer), delimiter))
+            if QUERY_BLANK not in query or answer not in cands:
+                raise EvalError(f"{path}:{lineno}: the query must contain {QUERY_BLANK} and the answer {answer!r} "
+                                f"must be among the candidates {cands}")
+            out.append({"sentences": story, "question": query, "answer": answer, "options": cands})
             story = []
     return out
 
@@ -218,24 +237,22 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("lambada", "lambada/lambada_test.jsonl",
              "OpenAI's LAMBADA test set lambada_test.jsonl (the GPT-2 release, "
              "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl; also the Hugging Face "
-             "dataset EleutherAI/lambada_openai)", "lambada", False, read_lambada),
+             "dataset EleutherAI/lambada_openai)", read_lambada),
     TaskSpec("blimp", "blimp", "the data/ folder of https://github.com/alexwarstadt/blimp (one JSONL per "
-             "paradigm; also the Hugging Face dataset nyu-mll/blimp)", "blimp", False, read_blimp_file),
+             "paradigm; also the Hugging Face dataset nyu-mll/blimp)", read_blimp_file),
     TaskSpec("piqa", "piqa/valid.jsonl",
              "PIQA's valid.jsonl and valid-labels.lst (aligned lines) from https://yonatanbisk.com/piqa/data/",
-             "multiple_choice", True, read_piqa),
+             read_piqa),
     TaskSpec("hellaswag", "hellaswag/hellaswag_val.jsonl",
-             "data/hellaswag_val.jsonl of https://github.com/rowanz/hellaswag", "multiple_choice", True,
-             read_hellaswag),
+             "data/hellaswag_val.jsonl of https://github.com/rowanz/hellaswag", read_hellaswag),
     TaskSpec("arc_easy", "arc_easy/ARC-Easy-Test.jsonl",
-             "ARC-Easy/ARC-Easy-Test.jsonl of AI2's ARC-V1-Feb2018.zip (https://allenai.org/data/arc)",
-             "multiple_choice", True, read_arc),
+             "ARC-Easy/ARC-Easy-Test.jsonl of AI2's ARC-V1-Feb2018.zip (https://allenai.org/data/arc)", read_arc),
     TaskSpec("cbt_cn", "cbt/cbtest_CN_test_2500ex.txt",
              "CBTest/data/cbtest_CN_test_2500ex.txt of CBTest.tgz from the bAbI project "
-             "(https://research.facebook.com/downloads/babi/)", "multiple_choice", False, read_cbt),
+             "(https://research.facebook.com/downloads/babi/)", read_cbt),
     TaskSpec("cbt_ne", "cbt/cbtest_NE_test_2500ex.txt",
              "CBTest/data/cbtest_NE_test_2500ex.txt of CBTest.tgz from the bAbI project "
-             "(https://research.facebook.com/downloads/babi/)", "multiple_choice", False, read_cbt),
+             "(https://research.facebook.com/downloads/babi/)", read_cbt),
 ]}
 ALIASES = {"cbt": ["cbt_cn", "cbt_ne"], "lambada_openai": ["lambada"], "arc-easy": ["arc_easy"], "all": list(TASKS)}
 
@@ -272,80 +289,93 @@ def task_path(name: str, task_dir: Optional[str], overrides: dict) -> str:
     return path
 
 
-# --- scoring -------------------------------------------------------------------------------------------------
+# --- lm-eval tasks and their results -------------------------------------------------------------------------
 
-def _mean_stderr(xs: list) -> tuple[float, float]:
-    n = len(xs)
-    mu = sum(xs) / n
-    if n < 2:
-        return mu, float("nan")
-    var = sum((x - mu) ** 2 for x in xs) / (n - 1)
-    return mu, math.sqrt(var / n)
+@dataclass
+class Built:
+    """One of our tasks as lm-eval objects: `harness` is what lm-eval evaluates, a Task, or for BLiMP the Group of
+    the per-paradigm Tasks that `paradigms` lists (paradigm -> Task)."""
 
-
-def _acc(name: str, hits: list, out: dict) -> None:
-    out[name], out[name + "_stderr"] = _mean_stderr(hits)
+    name: str
+    harness: Any
+    paradigms: dict = field(default_factory=dict)
 
 
-def choice_hits(scorer: Scorer, examples: list, desc: str) -> tuple[list, list]:
-    """Per example: 1.0 when the highest log-likelihood is the gold choice (acc), and the same with each
-    log-likelihood divided by its choice's length in characters (acc_norm), else 0.0."""
-    pairs = [(ex.context, ex.delimiter + ch) for ex in examples for ch in ex.choices]
-    results = scorer.loglikelihood_text(pairs, desc)
-    hits, hits_norm, k = [], [], 0
-    for ex in examples:
-        lls = [results[k + j][0] for j in range(len(ex.choices))]
-        k += len(ex.choices)
-        norm = [ll / max(len(ch), 1) for ll, ch in zip(lls, ex.choices)]
-        hits.append(float(_argmax(lls) == ex.gold))
-        hits_norm.append(float(_argmax(norm) == ex.gold))
-    return hits, hits_norm
+@contextlib.contextmanager
+def quiet_datasets():
+    """datasets' progress bars off for a while: lm-eval maps HellaSwag's process_docs over the in-memory
+    documents each time it reads them, a "Map" bar per pass and several passes per run, with nothing to wait for."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
-def _argmax(xs: list) -> int:
-    return max(range(len(xs)), key=lambda j: xs[j])  # the first of equal maxima, as numpy.argmax
+def build(name: str, path: str, limit: Optional[int] = None) -> Built:
+    """Read the task's file(s), the first `limit` examples of each (BLiMP: of each paradigm), and make the lm-eval
+    task (BLiMP: group) over them. File errors surface here, before any model is loaded."""
+    with quiet_datasets():
+        return _build(name, path, limit)
 
 
-def score_multiple_choice(scorer: Scorer, examples: list, acc_norm: bool, desc: str) -> dict:
-    hits, hits_norm = choice_hits(scorer, examples, desc)
-    out: dict = {"n": len(examples)}
-    _acc("acc", hits, out)
-    if acc_norm:
-        _acc("acc_norm", hits_norm, out)
-    return out
+def _build(name: str, path: str, limit: Optional[int]) -> Built:
+    from wider.eval import task_defs
 
-
-def score_lambada(scorer: Scorer, items: list, desc: str = "lambada") -> dict:
-    results = scorer.loglikelihood_text(items, desc)
-    out: dict = {"n": len(items)}
-    _acc("acc", [float(g) for _, g, _ in results], out)
-    mean_ll = sum(ll for ll, _, _ in results) / len(results)
-    out["ppl"] = math.exp(min(-mean_ll, 700.0))
-    return out
-
-
-def evaluate_task(scorer: Scorer, name: str, path: str, limit: Optional[int] = None) -> dict:
-    """Metrics of one task on the file at `path` (see task_path)."""
-    spec = TASKS[name]
-    if spec.kind == "blimp":
-        per, hits_all = {}, []
+    if name == "blimp":
+        paradigms = {}
         for f in blimp_files(path):
-            examples = read_blimp_file(f, limit)
-            if not examples:
-                raise EvalError(f"BLiMP file {f} holds no pair")
-            paradigm = os.path.splitext(os.path.basename(f))[0]
-            hits, _ = choice_hits(scorer, examples, f"blimp {paradigm}")
-            per[paradigm] = {"n": len(hits)}
-            _acc("acc", hits, per[paradigm])
-            hits_all.extend(hits)
-        out: dict = {"n": len(hits_all)}
-        _acc("acc", hits_all, out)
-        out["acc_macro"] = sum(r["acc"] for r in per.values()) / len(per)  # mean over paradigms
-        out["paradigms"] = per
-        return out
-    items = spec.read(path, limit)
-    if not items:
-        raise EvalError(f"task {name}: {path} holds no example")
-    if spec.kind == "lambada":
-        return score_lambada(scorer, items)
-    return score_multiple_choice(scorer, items, spec.acc_norm, name)
+            docs = read_blimp_file(f, limit)
+            if not docs:
+                raise EvalError(f"BLiMP file {f} holds no pair; it should be a paradigm file of BLiMP's data/ "
+                                f"folder ({TASKS['blimp'].source})")
+            p = blimp_paradigm(f)
+            cfg = task_defs.shipped_config("blimp", f"blimp_{p}", os.path.abspath(f))  # lm-eval's task names
+            paradigms[p] = task_defs.build_task(cfg, docs)
+        return Built(name, task_defs.blimp_group(list(paradigms.values())), paradigms)
+    docs = TASKS[name].read(path, limit)
+    if not docs:
+        raise EvalError(f"task {name}: {path} holds no example; it should be {TASKS[name].source}")
+    source = os.path.abspath(path)
+    cfg = task_defs.cbt_config(name, source) if name in ("cbt_cn", "cbt_ne") else \
+        task_defs.shipped_config(name, name, source)
+    return Built(name, task_defs.build_task(cfg, docs))
+
+
+def _metrics(result: dict) -> dict:
+    """Our metrics from one lm-eval result entry ({"acc,none": ..., "acc_stderr,none": ..., "sample_len": ...}):
+    n, then each metric and its standard error (lm-eval's "N/A" as None), perplexity as ppl."""
+    out: dict = {"n": int(result["sample_len"])}
+    for key, value in result.items():
+        metric, sep, filter_name = key.partition(",")
+        if not sep or filter_name != "none":
+            continue
+        metric = "ppl" + metric[len("perplexity"):] if metric.startswith("perplexity") else metric
+        out[metric] = None if value == "N/A" else float(value)
+    return out
+
+
+def evaluate(lm, built: Built, bootstrap_iters: int = 100000) -> dict:
+    """Run the task through lm-eval's evaluator with the lm-eval model `lm`; our metrics layout (n, acc,
+    acc_stderr, ...; BLiMP also acc_macro and paradigms). bootstrap_iters: lm-eval's (its default), for the
+    standard errors that have no closed form (LAMBADA's ppl)."""
+    from lm_eval.evaluator import evaluate as harness_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from wider.eval import task_defs
+
+    task_dict = TaskManager(include_defaults=False).load([built.harness])  # the flat tasks / groups dict evaluate reads
+    with quiet_datasets():
+        results = harness_evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=bootstrap_iters,
+                                   log_samples=False)["results"]
+    if not built.paradigms:
+        return _metrics(results[built.name])
+    out = _metrics(results["blimp"])
+    macro = _metrics(task_defs.blimp_macro_group(list(built.paradigms.values())).aggregate(results))
+    out["acc_macro"], out["acc_macro_stderr"] = macro["acc"], macro["acc_stderr"]
+    out["paradigms"] = {p: _metrics(results[t.task_name]) for p, t in built.paradigms.items()}
+    return out

@@ -2,12 +2,16 @@
 
 The training loop knows a model only through this table (it never branches on the architecture).
 A built model's forward(tokens, position_ids, attention_mask, labels) returns the per-token LM loss [b, s].
+`validate(cfg)` is the whole check of a run config: the fields every architecture shares (wider.config) and then
+the architecture's own validator.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
+
+from wider.config import ConfigError, RunConfig, validate_fields
 
 from wider.models.gpt import ParamCount, build_gpt, count_gpt, incremental_forward, validate_gpt
 from wider.models.gpt_moe import build_gpt_moe, count_gpt_moe, validate_gpt_moe
@@ -19,7 +23,7 @@ from wider.models.widenet import build_widenet, count_widenet, validate_widenet
 @dataclass(frozen=True)
 class Architecture:
     name: str
-    build: Callable  # (RunConfig, vocab_size, bf16, MoESettings or None) -> torch.nn.Module
+    build: Callable  # (RunConfig, vocab_size, bf16, wider.moe.config.MoERuntime or None) -> torch.nn.Module
     count: Callable  # (RunConfig, vocab_size) -> ParamCount
     validate: Callable  # (RunConfig, world_size or None) -> None, raises ConfigError
     recipe: str  # the entry script that trains it
@@ -40,6 +44,17 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+def validate(cfg: RunConfig, world_size: Optional[int] = None) -> RunConfig:
+    """Raise ConfigError naming the first invalid value: the shared fields, then the architecture's own.
+    world_size: also check the parallel layout. Returns cfg (with a fine-grained expert set derived)."""
+    validate_fields(cfg, world_size)
+    arch = ARCHITECTURES.get(cfg.model.arch)
+    if arch is None:
+        raise ConfigError(f"model.arch {cfg.model.arch!r} is unknown; choose one of {sorted(ARCHITECTURES)}")
+    arch.validate(cfg, world_size)
+    return cfg
+
+
 def training_flops_per_token(cfg, pc: ParamCount) -> float:
     """Training FLOPs per token, DESIGN section 7: 6 * N_active (embeddings and output layer included)
     plus the attention score/value products 12 * layers * (heads * d_head) * seq (heads * d_head = d_model
@@ -52,4 +67,4 @@ def training_flops_per_token(cfg, pc: ParamCount) -> float:
     return 6.0 * pc.active + 12.0 * m.num_layers * attn_width * m.seq_length
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "ParamCount", "training_flops_per_token"]
+__all__ = ["ARCHITECTURES", "Architecture", "ParamCount", "training_flops_per_token", "validate"]

@@ -198,7 +198,8 @@ class ParamCount:
         return self.total - self.embedding
 
 
-def _norm(m: ModelConfig) -> int:
+def norm_params(m: ModelConfig) -> int:
+    """Parameters of one norm: weight and bias for LayerNorm, weight only for RMSNorm."""
     return m.hidden_size * (2 if m.normalization == "LayerNorm" else 1)
 
 
@@ -225,9 +226,9 @@ def embedding_params(m: ModelConfig, vocab: int) -> int:
 def count_gpt(cfg: RunConfig, vocab_size: int) -> ParamCount:
     m = cfg.model
     vocab = padded_vocab_size(vocab_size, m, cfg.train.tensor_parallel)
-    block = 2 * _norm(m) + attention_params(m) + ffn_params(m)
+    block = 2 * norm_params(m) + attention_params(m) + ffn_params(m)
     emb = embedding_params(m, vocab)
-    total = emb + m.num_layers * block + _norm(m)
+    total = emb + m.num_layers * block + norm_params(m)
     return ParamCount(total=total, embedding=emb, active=total, extra={"padded_vocab": vocab})
 
 
@@ -239,6 +240,18 @@ def validate_head_dim(m: ModelConfig) -> None:
         raise ConfigError(f"model.head_dim {m.head_dim} with arch {m.arch!r}: its attention has hidden_size / heads = "
                           f"{m.hidden_size // m.num_attention_heads} channels per head; drop --head-dim (it sets MoEUT's "
                           "d_head and UMoE's d_qk)")
+    check_rope_head(m)
+
+
+def check_rope_head(m: ModelConfig) -> None:
+    """RoPE rotates channel pairs over the whole head: the head (head_dim, else hidden_size / heads) must be even.
+    (MoEUT rotates only rope_dims channels and checks those itself.)"""
+    from wider.config import ConfigError
+
+    head = m.head_dim or m.hidden_size // m.num_attention_heads
+    if m.position_embedding == "rope" and head % 2:
+        raise ConfigError(f"model: RoPE needs an even head dimension, got {head} (head_dim, or hidden_size/heads); "
+                          "choose another --num-attention-heads or --head-dim, or --position-embedding learned_absolute")
 
 
 def validate_gpt(cfg: RunConfig, world_size: Optional[int]) -> None:

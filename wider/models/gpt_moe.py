@@ -15,11 +15,11 @@ from typing import Optional
 import torch
 
 from wider.config import ConfigError, ModelConfig, RunConfig
-from wider.models.gpt import (ParamCount, _norm, attention_params, embedding_params, ffn_params, gpt_layer_spec,
+from wider.models.gpt import (ParamCount, norm_params, attention_params, embedding_params, ffn_params, gpt_layer_spec,
                               padded_vocab_size, transformer_config)
+from wider.moe.config import MoEConfig, MoERuntime
 from wider.moe.experts import scaled_output_std
 from wider.moe.router import widenet_noise_std
-from wider.moe.settings import MoESettings
 
 
 class MoEMLP(torch.nn.Module):
@@ -31,16 +31,15 @@ class MoEMLP(torch.nn.Module):
     megatron-core MLP of that width built from the dense layer's MLP spec, added to the MoE output for every
     token. It is a dense module (replicated, reduced over data parallelism) and lives here rather than inside the
     MoE module, because DeepSpeed treats every key of an MoE module whose name contains "expert" as an expert
-    shard. record_as: the router name of the MoE's statistics (UMoE: "ffn", so that its FFN routing and its
+    shard. The MoE's statistics name their router moe_config.router_name (UMoE: "ffn", so that its FFN routing and its
     attention routing over the same experts show separately)."""
 
-    def __init__(self, config, moe_kwargs: dict, shared_spec=None, shared_ffn_size: int = 0, record_as: str = ""):
+    def __init__(self, config, moe_config: MoEConfig, shared_spec=None, shared_ffn_size: int = 0):
         super().__init__()
         self.config = config
         from wider.moe.layer import MoE
 
-        self.moe = MoE(**moe_kwargs)
-        self.moe.router_name = record_as
+        self.moe = MoE(moe_config)
         self.shared_ffn = dense_ffn(config, shared_spec, shared_ffn_size) if shared_ffn_size else None
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **_):
@@ -62,21 +61,21 @@ def dense_ffn(config, mlp_spec, width: int):
     return build_module(mlp_spec, config=narrow, ffn_hidden_size=width)
 
 
-def moe_kwargs(m: ModelConfig, settings: MoESettings, label: str, shared: bool = False) -> dict:
-    """Arguments of wider.moe.layer.MoE for this model config."""
+def moe_config(m: ModelConfig, runtime: MoERuntime, label: str, shared: bool = False, **overrides) -> MoEConfig:
+    """The wider.moe.layer.MoE of this model config (softmax router; overrides: other MoEConfig fields)."""
     noise = widenet_noise_std(m.num_experts) if m.router_noise == "inverse_experts" else 0.0
-    return dict(hidden_size=m.hidden_size, num_experts=m.num_experts, top_k=m.moe_top_k,
-                ffn_size=m.expert_ffn_size, settings=settings, activation=m.activation, noise_std=noise,
-                renormalize=m.router_renormalize, init_std=m.init_method_std,
-                output_std=scaled_output_std(m.init_method_std, m.num_layers), label=label, shared=shared)
+    return MoEConfig.of(runtime, **{**dict(
+        hidden_size=m.hidden_size, num_experts=m.num_experts, top_k=m.moe_top_k, ffn_size=m.expert_ffn_size,
+        activation=m.activation, noise_std=noise, renormalize=m.router_renormalize, init_std=m.init_method_std,
+        output_std=scaled_output_std(m.init_method_std, m.num_layers), label=label, shared=shared), **overrides})
 
 
-def moe_layer_spec(m: ModelConfig, settings: MoESettings, label: str, shared: bool = False):
+def moe_layer_spec(m: ModelConfig, runtime: MoERuntime, label: str, shared: bool = False):
     """The dense layer spec with the MLP slot holding an MoE."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     spec = copy.deepcopy(gpt_layer_spec(m))
-    spec.submodules.mlp = ModuleSpec(module=MoEMLP, params={"moe_kwargs": moe_kwargs(m, settings, label, shared)})
+    spec.submodules.mlp = ModuleSpec(module=MoEMLP, params={"moe_config": moe_config(m, runtime, label, shared)})
     return spec
 
 
@@ -85,12 +84,12 @@ def is_moe_block(m: ModelConfig, index: int) -> bool:
     return (index + 1) % m.moe_layer_freq == 0
 
 
-def block_specs(m: ModelConfig, settings: MoESettings):
+def block_specs(m: ModelConfig, runtime: MoERuntime):
     """megatron TransformerBlockSubmodules: one layer spec per block, and the final norm."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     dense = gpt_layer_spec(m)
-    specs = [moe_layer_spec(m, settings, f"layer{i + 1:02d}") if is_moe_block(m, i) else dense
+    specs = [moe_layer_spec(m, runtime, f"layer{i + 1:02d}") if is_moe_block(m, i) else dense
              for i in range(m.num_layers)]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=dense.submodules.input_layernorm)
 
@@ -126,10 +125,10 @@ def gpt_model(cfg: RunConfig, vocab_size: int, bf16: bool, layer_specs):
     )
 
 
-def build_gpt_moe(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe: Optional[MoESettings] = None):
-    """megatron-core GPT with MoE blocks (parallel_state and, for ep_size > 1, DeepSpeed's expert groups
-    must exist: wider.parallel.init_distributed creates both)."""
-    return gpt_model(cfg, vocab_size, bf16, block_specs(cfg.model, moe or MoESettings()))
+def build_gpt_moe(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe: Optional[MoERuntime] = None):
+    """megatron-core GPT with MoE blocks (megatron's parallel_state must exist: wider.parallel.init_distributed;
+    for ep_size > 1, moe.groups from wider.parallel.expert_groups)."""
+    return gpt_model(cfg, vocab_size, bf16, block_specs(cfg.model, moe or MoERuntime()))
 
 
 def expert_params(m: ModelConfig) -> int:
@@ -149,11 +148,11 @@ def count_gpt_moe(cfg: RunConfig, vocab_size: int) -> ParamCount:
     vocab = padded_vocab_size(vocab_size, m, cfg.train.tensor_parallel)
     emb = embedding_params(m, vocab)
     moe_total, moe_active = moe_params(m)
-    base = 2 * _norm(m) + attention_params(m)
+    base = 2 * norm_params(m) + attention_params(m)
     n_moe = sum(is_moe_block(m, i) for i in range(m.num_layers))
     n_dense = m.num_layers - n_moe
-    total = emb + _norm(m) + m.num_layers * base + n_dense * ffn_params(m) + n_moe * moe_total
-    active = emb + _norm(m) + m.num_layers * base + n_dense * ffn_params(m) + n_moe * moe_active
+    total = emb + norm_params(m) + m.num_layers * base + n_dense * ffn_params(m) + n_moe * moe_total
+    active = emb + norm_params(m) + m.num_layers * base + n_dense * ffn_params(m) + n_moe * moe_active
     return ParamCount(total=total, embedding=emb, active=active,
                       extra={"padded_vocab": vocab, "moe_layers": n_moe, "expert_params": expert_params(m),
                              "moe_layer_params": moe_total, **fine_grained_terms(m, n_moe)})

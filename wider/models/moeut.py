@@ -65,7 +65,7 @@ from wider.config import ConfigError, ModelConfig, RunConfig
 from wider.models.attention import KVCache, KVSlot
 from wider.models.gpt import ParamCount, gpt_layer_spec, padded_vocab_size, transformer_config
 from wider.models.switchhead import SwitchHeadAttention, default_rope_dims, normal_init, switchhead_params
-from wider.moe.settings import MoESettings
+from wider.moe.config import MoEConfig, MoERuntime
 
 
 def head_dim(m: ModelConfig) -> int:
@@ -83,7 +83,7 @@ def _norm(config, m: ModelConfig):
 class MoEUTLayer(nn.Module):
     """One of the G distinct layers: peri-LayerNorm SwitchHead attention, then a sigma-MoE FFN."""
 
-    def __init__(self, config, m: ModelConfig, settings: MoESettings, index: int):
+    def __init__(self, config, m: ModelConfig, runtime: MoERuntime, index: int):
         super().__init__()
         from wider.moe.layer import MoE
 
@@ -95,11 +95,12 @@ class MoEUTLayer(nn.Module):
         self.attention = SwitchHeadAttention(
             config, D, m.num_attention_heads, C, m.attention_experts, m.attention_top_k, rope_dims=m.rope_dims,
             rotary_base=m.rotary_base, init_std=std, output_std=scale / math.sqrt(m.num_attention_heads * C),
-            entropy_weight=settings.entropy_weight_attention, label=f"group{index}.attention")
-        self.ffn = MoE(D, m.num_experts, m.moe_top_k, m.expert_ffn_size, settings, activation="relu",
-                       router="sigmoid", init_std=std,
-                       output_std=scale / math.sqrt(m.num_experts * m.expert_ffn_size),
-                       label=f"group{index}.ffn", seq_dim=0)
+            entropy_weight=runtime.settings.entropy_weight_attention, label=f"group{index}.attention",
+            kernels=runtime.kernels)
+        self.ffn = MoE(MoEConfig.of(runtime, hidden_size=D, num_experts=m.num_experts, top_k=m.moe_top_k,
+                                    ffn_size=m.expert_ffn_size, activation="relu", router="sigmoid", init_std=std,
+                                    output_std=scale / math.sqrt(m.num_experts * m.expert_ffn_size),
+                                    label=f"group{index}.ffn", seq_dim=0))
 
     def forward(self, x_SBD: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVSlot] = None) -> torch.Tensor:
@@ -118,14 +119,14 @@ class MoEUTModel(nn.Module):
     are megatron-core modules; recompute 'full' checkpoints every layer application with non-reentrant
     torch.utils.checkpoint (safe for the repeated layers' shared parameters under ZeRO-2, DESIGN 9)."""
 
-    def __init__(self, config, m: ModelConfig, vocab: int, settings: MoESettings):
+    def __init__(self, config, m: ModelConfig, vocab: int, runtime: MoERuntime):
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
         D, G = m.hidden_size, m.layer_group_size
         init = normal_init(1.0 / math.sqrt(D))
         self.embedding = VocabParallelEmbedding(vocab, D, init_method=init, config=config)
-        self.layers = nn.ModuleList(MoEUTLayer(config, m, settings, g) for g in range(G))
+        self.layers = nn.ModuleList(MoEUTLayer(config, m, runtime, g) for g in range(G))
         # Layer i runs group member i % G: A, B, A, B, ... (the paper's grouping).
         self.schedule = [i % G for i in range(m.num_layers)]
         for g, layer in enumerate(self.layers):  # statistics per application: the i-th call runs at depth i * G + g
@@ -156,11 +157,11 @@ class MoEUTModel(nn.Module):
         return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
 
 
-def build_moeut(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe: Optional[MoESettings] = None):
+def build_moeut(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe: Optional[MoERuntime] = None):
     """megatron parallel_state must be initialised (wider.parallel.init_distributed), as for the megatron models."""
     m = cfg.model
     return MoEUTModel(transformer_config(m, cfg.train.tensor_parallel, bf16), m,
-                      padded_vocab_size(vocab_size, m, cfg.train.tensor_parallel), moe or MoESettings())
+                      padded_vocab_size(vocab_size, m, cfg.train.tensor_parallel), moe or MoERuntime())
 
 
 def layer_params(m: ModelConfig) -> tuple[int, int]:

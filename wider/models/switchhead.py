@@ -68,6 +68,7 @@ from torch import nn
 
 from wider.models.attention import KVSlot, attend
 from wider.moe import dispatch
+from wider.moe.config import Kernels
 from wider.moe.layer import CallRecord
 from wider.moe.router import router_entropy, row_normalised_normal_, sigmoid_topk
 
@@ -95,7 +96,7 @@ class SwitchHeadAttention(nn.Module):
     def __init__(self, config, hidden_size: int, num_heads: int, head_dim: int, num_experts: int, top_k: int = 2,
                  rope_dims: Optional[int] = None, rotary_base: float = 10000.0, init_std: float = 0.02,
                  output_std: Optional[float] = None, entropy_weight: float = 0.001, label: str = "attention",
-                 shared: bool = False):
+                 shared: bool = False, kernels: Kernels = Kernels()):
         super().__init__()
         from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
         from megatron.core.tensor_parallel import ColumnParallelLinear
@@ -114,7 +115,7 @@ class SwitchHeadAttention(nn.Module):
         D, H, C, E = hidden_size, num_heads, head_dim, num_experts
         self.hidden_size, self.num_heads, self.head_dim, self.num_experts, self.top_k = D, H, C, E, top_k
         self.rope_dims, self.rotary_base, self.entropy_weight = rope_dims, float(rotary_base), float(entropy_weight)
-        self.label, self.shared = label, shared
+        self.label, self.shared, self.kernels = label, shared, kernels
         self.records: list[CallRecord] = []
         out_std = output_std if output_std is not None else init_std
         self.config = config
@@ -140,7 +141,7 @@ class SwitchHeadAttention(nn.Module):
         # Head h's experts are global ids h * E ... h * E + E - 1, and a token's H * K choices are one plan row:
         # one plan and one grouped GEMM for all heads.
         ids_TX = (r.expert_ids_TK.view(T, H, K) + (torch.arange(H, device=z_TD.device) * E).view(1, H, 1))
-        p = dispatch.plan(ids_TX.reshape(T, H * K), r.weights_TK.view(T, H * K), H * E, None)
+        p = dispatch.plan(ids_TX.reshape(T, H * K), r.weights_TK.view(T, H * K), H * E, None, self.kernels.gather)
         probs_THE = r.probs_TE.view(T, H, E)
         record = CallRecord(aux=r.probs_TE.new_zeros(()), balance=r.aux["balance"], z=r.aux["z"].detach(),
                             entropy=router_entropy(r.probs_TE), routed_E=p.routed_E.detach(),
@@ -177,7 +178,8 @@ class SwitchHeadAttention(nn.Module):
         # outputs sum per (token, head) -> [T * H, C].
         p_v = self._route(z_TD, self.sel_v_ND, "v", S, B)
         # gather_mm keeps x_TD, not its T * H * K gathered rows, for the backward; the combine keeps the C-wide outputs.
-        v_YC = dispatch.combine(dispatch.gather_mm(x_TD, p_v, self.v_NDC), dispatch.split_choices(p_v, H))
+        v_YC = dispatch.combine(dispatch.gather_mm(x_TD, p_v, self.v_NDC, self.kernels.expert),
+                                dispatch.split_choices(p_v, H))
         v = heads(v_YC.to(x_TD.dtype).reshape(T, H * C))
 
         if cache is not None:
@@ -189,7 +191,8 @@ class SwitchHeadAttention(nn.Module):
         p_o = self._route(z_TD, self.sel_o_ND, "o", S, B)
         a_YC = a_BHSC.permute(2, 0, 1, 3).reshape(T * H, C)  # row t * H + h
         # mm_combine keeps the C-wide gathered rows, not the D-wide expert outputs, for the backward.
-        out_TD = dispatch.mm_combine(dispatch.gather_tokens(a_YC, dispatch.split_choices(p_o, H)), self.o_NCD, p_o)
+        out_TD = dispatch.mm_combine(dispatch.gather_tokens(a_YC, dispatch.split_choices(p_o, H)), self.o_NCD, p_o,
+                                     self.kernels.expert)
         return out_TD.to(x_SBD.dtype).view(S, B, D)
 
 

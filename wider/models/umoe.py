@@ -67,13 +67,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from wider.config import ConfigError, ModelConfig, RunConfig
-from wider.models.gpt import ParamCount, _norm, attention_params, embedding_params, ffn_params, gpt_layer_spec, padded_vocab_size
-from wider.models.gpt_moe import MoEMLP, dense_ffn, expert_params, gpt_model, moe_kwargs, validate_moe_common
+from wider.models.gpt import ParamCount, norm_params, attention_params, embedding_params, ffn_params, gpt_layer_spec, padded_vocab_size
+from wider.models.gpt_moe import MoEMLP, dense_ffn, expert_params, gpt_model, moe_config, validate_moe_common
 from wider.models.widenet import SharedRef
 from wider.moe import dispatch
-from wider.moe.experts import grouped_mm
+from wider.moe.config import MoEConfig, MoERuntime
+from wider.moe.kernels import grouped_mm
 from wider.moe.router import SoftmaxTopKRouter
-from wider.moe.settings import MoESettings
 
 MODES = ("shared", "separate", "attention", "ffn")
 
@@ -93,11 +93,11 @@ def has_ffn_moe(m: ModelConfig) -> bool:
 class PreMixingAttention(nn.Module):
     """megatron-core's self-attention slot: forward(z [S, B, D], attention_mask, rotary_pos_emb=...) -> (out, None).
 
-    bank: the experts (a wider.moe.layer.MoE); own_bank=False leaves it to be pointed at the FFN's MoE after the
-    model is built (umoe_mode 'shared'): bank_kwargs are then ignored."""
+    bank: the experts (a wider.moe.layer.MoE built from bank_config); bank_config None leaves it to be pointed at the
+    FFN's MoE after the model is built (umoe_mode 'shared')."""
 
     def __init__(self, config, layer_number: int, experts: int, top_k: int, query_rank: int, shared_ffn_size: int,
-                 shared_spec, bank_kwargs: Optional[dict], init_std: float, **_unused):
+                 shared_spec, bank_config: Optional[MoEConfig], init_std: float, **_unused):
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear
 
@@ -116,18 +116,19 @@ class PreMixingAttention(nn.Module):
         self.q_up_ERC = nn.Parameter(torch.empty(E, R, C).normal_(0.0, init_std))
         self.shared_ffn = dense_ffn(config, shared_spec, shared_ffn_size) if shared_ffn_size else None
         self.bank = None
-        if bank_kwargs is not None:
+        if bank_config is not None:
             from wider.moe.layer import MoE
 
-            self.bank = MoE(**bank_kwargs)
+            self.bank = MoE(bank_config)
 
     def _queries(self, z_TD: torch.Tensor, routing) -> torch.Tensor:
         """B_i RMSNorm(A_i z) for every assignment: [T * K, C] in token-major order (grouped GEMMs over a dropless
         plan of the choices, then put back in token order)."""
-        p = dispatch.plan(routing.expert_ids_TK, routing.weights_TK, self.num_experts, None)
-        h_AR = dispatch.gather_mm(z_TD, p, self.q_down_EDR)  # keeps z_TD, not its K gathered copies
+        kernels = self.bank.config.kernels
+        p = dispatch.plan(routing.expert_ids_TK, routing.weights_TK, self.num_experts, None, kernels.gather)
+        h_AR = dispatch.gather_mm(z_TD, p, self.q_down_EDR, kernels.expert)  # keeps z_TD, not its K gathered copies
         h_AR = F.rms_norm(h_AR, (self.rank,), self.q_norm_R.to(h_AR.dtype), eps=self.config.layernorm_epsilon)
-        return dispatch.scatter_to_assignments(grouped_mm(h_AR, self.q_up_ERC, p.counts_E), p)
+        return dispatch.scatter_to_assignments(grouped_mm(h_AR, self.q_up_ERC, p.counts_E, kernels.expert), p)
 
     # Generation (wider.generation's contract, way 1): under megatron's StaticInferenceContext this module keeps
     # its own cache of the rotated keys and of the values (the normed tokens z) per layer.
@@ -182,14 +183,7 @@ class PreMixingAttention(nn.Module):
         return out_SBD, None
 
 
-def _bank_kwargs(m: ModelConfig, settings: MoESettings, label: str) -> dict:
-    """An expert bank routed by its callers (router 'none')."""
-    kw = moe_kwargs(m, settings, label)
-    kw.update(router="none", noise_std=0.0, renormalize=False)
-    return kw
-
-
-def umoe_block_specs(m: ModelConfig, settings: MoESettings):
+def umoe_block_specs(m: ModelConfig, runtime: MoERuntime):
     """One megatron layer spec per layer (each layer's MoE is labelled layer01, layer02, ...) and the final norm."""
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -204,19 +198,21 @@ def umoe_block_specs(m: ModelConfig, settings: MoESettings):
             spec.submodules.self_attention = ModuleSpec(module=PreMixingAttention, params=dict(
                 experts=m.num_experts, top_k=m.attention_top_k, query_rank=m.query_rank, shared_ffn_size=shared_width,
                 shared_spec=dense.submodules.mlp, init_std=m.init_method_std,
-                bank_kwargs=None if m.umoe_mode == "shared" else _bank_kwargs(m, settings, label)))
+                # An expert bank routed by its callers (router 'none') when the attention owns one.
+                bank_config=None if m.umoe_mode == "shared" else
+                moe_config(m, runtime, label, router="none", noise_std=0.0, renormalize=False)))
         if has_ffn_moe(m):
             spec.submodules.mlp = ModuleSpec(module=MoEMLP, params=dict(
-                moe_kwargs=moe_kwargs(m, settings, label), shared_spec=dense.submodules.mlp,
-                shared_ffn_size=shared_width, record_as="ffn"))
+                moe_config=moe_config(m, runtime, label, router_name="ffn"), shared_spec=dense.submodules.mlp,
+                shared_ffn_size=shared_width))
         specs.append(spec)
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=dense.submodules.input_layernorm)
 
 
-def build_umoe(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe: Optional[MoESettings] = None):
+def build_umoe(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe: Optional[MoERuntime] = None):
     """megatron-core GPTModel with UMoE layers; in 'shared' mode each attention is pointed at its layer's FFN experts."""
     m = cfg.model
-    model = gpt_model(cfg, vocab_size, bf16, umoe_block_specs(m, moe or MoESettings()))
+    model = gpt_model(cfg, vocab_size, bf16, umoe_block_specs(m, moe or MoERuntime()))
     if m.umoe_mode == "shared":
         for layer in model.decoder.layers:
             layer.self_attention.bank = SharedRef(layer.mlp.moe)
@@ -228,7 +224,7 @@ def layer_params(m: ModelConfig) -> tuple[int, int]:
     D, C, E, R, f = m.hidden_size, qk_dim(m), m.num_experts, m.query_rank, m.expert_ffn_size
     expert = expert_params(m)
     shared = ffn_params(m, m.shared_experts * f) if m.shared_experts else 0
-    total = active = 2 * _norm(m)
+    total = active = 2 * norm_params(m)
     if has_premix(m):
         dense = D * (3 if m.shared_experts else 2) * C + D * E + R + shared  # projections, router, norm, shared
         total += dense + E * R * (D + C)
@@ -251,8 +247,8 @@ def count_umoe(cfg: RunConfig, vocab_size: int) -> ParamCount:
     vocab = padded_vocab_size(vocab_size, m, cfg.train.tensor_parallel)
     emb = embedding_params(m, vocab)
     per_layer, per_layer_active = layer_params(m)
-    total = emb + m.num_layers * per_layer + _norm(m)
-    active = emb + m.num_layers * per_layer_active + _norm(m)
+    total = emb + m.num_layers * per_layer + norm_params(m)
+    active = emb + m.num_layers * per_layer_active + norm_params(m)
     extra = {"padded_vocab": vocab, "layer_params": per_layer, "qk_dim": qk_dim(m),
              "expert_banks_per_layer": {"shared": 1, "separate": 2, "attention": 1, "ffn": 1}[m.umoe_mode],
              "expert_params": expert_params(m)}
@@ -285,6 +281,9 @@ def validate_umoe(cfg: RunConfig, world_size: Optional[int]) -> None:
             f"model.query_rank must be a positive integer (UMoE: 16 or 36), got {m.query_rank!r}")
         req(m.head_dim is None or (isinstance(m.head_dim, int) and m.head_dim > 0),
             f"model.head_dim (d_qk) must be a positive integer or None, got {m.head_dim!r}")
+        from wider.models.gpt import check_rope_head
+
+        check_rope_head(m)  # RoPE on every channel of the d_qk-wide queries and key
     else:
         from wider.models.gpt import validate_head_dim
 

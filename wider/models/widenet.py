@@ -32,9 +32,9 @@ from typing import Optional
 import torch
 
 from wider.config import ConfigError, RunConfig
-from wider.models.gpt import ParamCount, _norm, attention_params, embedding_params, padded_vocab_size
+from wider.models.gpt import ParamCount, norm_params, attention_params, embedding_params, padded_vocab_size
 from wider.models.gpt_moe import gpt_model, moe_layer_spec, moe_params, validate_moe_common
-from wider.moe.settings import MoESettings
+from wider.moe.config import MoERuntime
 
 
 class SharedRef:
@@ -74,18 +74,18 @@ class SharedAttentionRef(SharedRef):
             self.module.layer_number = shared_number
 
 
-def _point_at(layer: torch.nn.Module, slot: str, module: torch.nn.Module) -> None:
+def point_at_shared(layer: torch.nn.Module, slot: str, module: torch.nn.Module) -> None:
     layer._modules.pop(slot, None)
     ref = SharedAttentionRef(module, layer.layer_number) if slot == "self_attention" else SharedRef(module)
     layer.__dict__[slot] = ref
 
 
-def widenet_block_specs(cfg: RunConfig, settings: MoESettings):
+def widenet_block_specs(cfg: RunConfig, runtime: MoERuntime):
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     m = cfg.model
-    first = moe_layer_spec(m, settings, "shared_moe", shared=True)
+    first = moe_layer_spec(m, runtime, "shared_moe", shared=True)
     rest = copy.deepcopy(first)
     rest.submodules.self_attention = IdentityOp  # filled with SharedRefs after construction
     rest.submodules.mlp = IdentityOp
@@ -93,15 +93,15 @@ def widenet_block_specs(cfg: RunConfig, settings: MoESettings):
                                       layer_norm=first.submodules.input_layernorm)
 
 
-def build_widenet(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe: Optional[MoESettings] = None):
-    model = gpt_model(cfg, vocab_size, bf16, widenet_block_specs(cfg, moe or MoESettings()))
+def build_widenet(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe: Optional[MoERuntime] = None):
+    model = gpt_model(cfg, vocab_size, bf16, widenet_block_specs(cfg, moe or MoERuntime()))
     decoder = model.decoder
     first = decoder.layers[0]
     decoder.shared_attention = first.self_attention
     decoder.shared_moe = first.mlp
     for layer in decoder.layers:
-        _point_at(layer, "self_attention", decoder.shared_attention)
-        _point_at(layer, "mlp", decoder.shared_moe)
+        point_at_shared(layer, "self_attention", decoder.shared_attention)
+        point_at_shared(layer, "mlp", decoder.shared_moe)
     return model
 
 
@@ -114,11 +114,11 @@ def count_widenet(cfg: RunConfig, vocab_size: int) -> ParamCount:
     emb = embedding_params(m, vocab)
     moe_total, moe_active = moe_params(m)
     attn = attention_params(m)
-    total = emb + attn + moe_total + m.num_layers * 2 * _norm(m) + _norm(m)
-    active = emb + _norm(m) + m.num_layers * (2 * _norm(m) + attn + moe_active)
+    total = emb + attn + moe_total + m.num_layers * 2 * norm_params(m) + norm_params(m)
+    active = emb + norm_params(m) + m.num_layers * (2 * norm_params(m) + attn + moe_active)
     return ParamCount(total=total, embedding=emb, active=active,
                       extra={"padded_vocab": vocab, "shared_attention_params": attn, "shared_moe_params": moe_total,
-                             "norm_params_per_block": 2 * _norm(m)})
+                             "norm_params_per_block": 2 * norm_params(m)})
 
 
 def validate_widenet(cfg: RunConfig, world_size: Optional[int]) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from wider.moe import triton_kernels
-from wider.moe.experts import grouped_mm, grouped_wgrad, resolve_kernel
+from wider.moe.kernels import fused_gathers, grouped_mm, grouped_wgrad, resolve_kernel
 
 
 def capacity(tokens: int, top_k: int, num_experts: int, factor: Optional[float], min_capacity: int) -> Optional[int]:
@@ -50,6 +50,7 @@ class Plan:
     row_TK: torch.Tensor  # the row of each assignment; dropped ones point at row 0 (a kept row) with weight 0
     live_TK: torch.Tensor  # bool: assignment kept
     weight_TK: torch.Tensor  # combine weights, with their gradient to the router; 0 where dropped
+    fused: bool = False  # move rows with the fused Triton gathers (wider.moe.kernels.fused_gathers), else torch ops
 
     @property
     def weight_A(self) -> torch.Tensor:
@@ -65,9 +66,11 @@ class Plan:
         return self.token_A[:n], self.weight_A[:n], expert
 
 
-def plan(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, cap: Optional[int]) -> Plan:
+def plan(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, cap: Optional[int],
+         gather: str = "auto") -> Plan:
     """Order the T*K assignments by expert (stable sorts, so the priority order holds inside an expert) and
-    apply the capacity, without leaving the device."""
+    apply the capacity, without leaving the device. gather: the layer's Kernels.gather ('auto' | 'torch'), which
+    every row movement over this plan then uses."""
     T, K = expert_ids_TK.shape
     A = T * K
     dev = expert_ids_TK.device
@@ -99,7 +102,8 @@ def plan(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
     live_TK = live_flat.view(T, K)
     weight_TK = torch.where(live_TK, weights_TK, torch.zeros((), dtype=weights_TK.dtype, device=dev))
     return Plan(token_A=token_A, live_A=live_A, counts_E=counts_E, routed_E=routed_E,
-                dropless=cap is None, source_A=source_A, row_TK=row_TK, live_TK=live_TK, weight_TK=weight_TK)
+                dropless=cap is None, source_A=source_A, row_TK=row_TK, live_TK=live_TK, weight_TK=weight_TK,
+                fused=fused_gathers(gather, dev))
 
 
 def split_choices(p: Plan, n: int) -> Plan:
@@ -117,22 +121,9 @@ def split_choices(p: Plan, n: int) -> Plan:
                                live_TK=p.live_TK.view(T * n, k), weight_TK=p.weight_TK.view(T * n, k))
 
 
-# 'auto': the fused Triton gathers (wider.moe.triton_kernels) on CUDA where Triton is installed, else torch ops;
-# 'torch': always the torch ops (the reference path; the same math).
-GATHER_KERNEL = "auto"
-
-
-def _fused(t: torch.Tensor) -> bool:
-    return GATHER_KERNEL == "auto" and triton_kernels.available(t.device)
-
-
-def gather_kernel_name(device: torch.device) -> str:
-    return "triton" if GATHER_KERNEL == "auto" and triton_kernels.available(device) else "torch"
-
-
-def _sum_rows(src_RD: torch.Tensor, row_TK: torch.Tensor, w_TK: Optional[torch.Tensor]) -> torch.Tensor:
-    """out[t] = sum_k w[t, k] * src[row[t, k]] (w None: all ones), accumulated in fp32."""
-    if _fused(src_RD):
+def _sum_rows(src_RD: torch.Tensor, row_TK: torch.Tensor, w_TK: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
+    """out[t] = sum_k w[t, k] * src[row[t, k]] (w None: all ones), accumulated in fp32; fused: the Triton kernel."""
+    if fused:
         w = torch.ones(row_TK.shape, device=src_RD.device) if w_TK is None else w_TK
         return triton_kernels.weighted_gather_sum(src_RD, row_TK, w)
     T, K = row_TK.shape
@@ -143,16 +134,18 @@ def _sum_rows(src_RD: torch.Tensor, row_TK: torch.Tensor, w_TK: Optional[torch.T
     return torch.bmm(w_TK.to(src_RD.dtype).unsqueeze(1), src_TKD).squeeze(1)
 
 
-def _token_grad(g_RD: torch.Tensor, row_TK: torch.Tensor, live_TK: Optional[torch.Tensor]) -> torch.Tensor:
+def _token_grad(g_RD: torch.Tensor, row_TK: torch.Tensor, live_TK: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
     """Gradient of a per-token gather (x_TD -> rows): each token's is the sum of its kept rows, read through
     row_TK, so no atomic adds. Dropped assignments are excluded (weight 0): they point at row 0, and the rows behind
     n_kept hold whatever the grouped GEMM left unwritten in its input gradient."""
-    return _sum_rows(g_RD, row_TK, None if live_TK is None else live_TK.float())
+    return _sum_rows(g_RD, row_TK, None if live_TK is None else live_TK.float(), fused)
 
 
-def _assignment_grad(g_RD: torch.Tensor, row_TK: torch.Tensor, live_TK: Optional[torch.Tensor]) -> torch.Tensor:
+def _assignment_grad(g_RD: torch.Tensor, row_TK: torch.Tensor, live_TK: Optional[torch.Tensor],
+                     fused: bool = False) -> torch.Tensor:
     """Gradient of a per-assignment gather (x_XD -> rows): each assignment's is its row's, read through row_TK (a
-    permutation of the kept rows) back into token-major order; dropped assignments get zero (row 0, masked)."""
+    permutation of the kept rows) back into token-major order; dropped assignments get zero (row 0, masked). A plain
+    gather: `fused` (the signature it shares with _token_grad) changes nothing here."""
     g_XD = g_RD.index_select(0, row_TK.reshape(-1))
     if live_TK is not None:
         g_XD = g_XD * live_TK.reshape(-1, 1).to(g_XD.dtype)
@@ -164,19 +157,21 @@ class _GatherTokens(torch.autograd.Function):
     Backward: _token_grad."""
 
     @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, token_R: torch.Tensor, row_TK: torch.Tensor, live_TK: Optional[torch.Tensor]):
+    def forward(ctx, x_TD: torch.Tensor, token_R: torch.Tensor, row_TK: torch.Tensor, live_TK: Optional[torch.Tensor],
+                fused: bool):
         ctx.save_for_backward(row_TK, live_TK)
+        ctx.fused = fused
         return x_TD.index_select(0, token_R)
 
     @staticmethod
     def backward(ctx, g_RD: torch.Tensor):
-        return _token_grad(g_RD, *ctx.saved_tensors), None, None, None
+        return _token_grad(g_RD, *ctx.saved_tensors, ctx.fused), None, None, None, None
 
 
 def gather_tokens(x_TD: torch.Tensor, p: Plan, num_rows: Optional[int] = None) -> torch.Tensor:
     """The first num_rows rows of the plan (default all A) filled with their tokens' hidden states."""
     token_R = p.token_A if num_rows is None else p.token_A[:num_rows]
-    return _GatherTokens.apply(x_TD, token_R, p.row_TK, None if p.dropless else p.live_TK)
+    return _GatherTokens.apply(x_TD, token_R, p.row_TK, None if p.dropless else p.live_TK, p.fused)
 
 
 class _GatherAssignments(torch.autograd.Function):
@@ -219,15 +214,16 @@ class _Combine(torch.autograd.Function):
     there)."""
 
     @staticmethod
-    def forward(ctx, y_RD, weight_TK, row_TK, source_R, token_R):
+    def forward(ctx, y_RD, weight_TK, row_TK, source_R, token_R, fused):
         ctx.save_for_backward(y_RD, weight_TK, source_R, token_R)
-        return _sum_rows(y_RD, row_TK, weight_TK.detach())
+        ctx.fused = fused
+        return _sum_rows(y_RD, row_TK, weight_TK.detach(), fused)
 
     @staticmethod
     def backward(ctx, g_TD: torch.Tensor):
         y_RD, weight_TK, source_R, token_R = ctx.saved_tensors
         w_R = weight_TK.detach().reshape(-1).index_select(0, source_R)
-        if _fused(y_RD):
+        if ctx.fused:
             grad_RD, dot_R = triton_kernels.scaled_gather_dot(g_TD, token_R, w_R, y_RD)
         else:
             g_RD = g_TD.index_select(0, token_R)
@@ -235,7 +231,7 @@ class _Combine(torch.autograd.Function):
             live_R = (w_R != 0).unsqueeze(-1)  # never read unwritten rows
             dot_R = (torch.where(live_R, y_RD, 0).float() * g_RD.float()).sum(-1)
         grad_w = torch.zeros(weight_TK.numel(), dtype=dot_R.dtype, device=dot_R.device).scatter_(0, source_R, dot_R)
-        return grad_RD, grad_w.view(weight_TK.shape).to(weight_TK.dtype), None, None, None
+        return grad_RD, grad_w.view(weight_TK.shape).to(weight_TK.dtype), None, None, None, None
 
 
 class _GatherMM(torch.autograd.Function):
@@ -245,9 +241,9 @@ class _GatherMM(torch.autograd.Function):
     per call (at top-16 of MoEUT-244M's sigma-MoE, R x D is 16 copies of the layer input)."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_LDN, index_R, counts_L, row_TK, live_TK, kernel, per_assignment):
+    def forward(ctx, x_TD, w_LDN, index_R, counts_L, row_TK, live_TK, kernel, per_assignment, fused):
         ctx.save_for_backward(x_TD, w_LDN, index_R, counts_L, row_TK, live_TK)
-        ctx.kernel, ctx.per_assignment = kernel, per_assignment
+        ctx.kernel, ctx.per_assignment, ctx.fused = kernel, per_assignment, fused
         return grouped_mm(x_TD.index_select(0, index_R), w_LDN, counts_L, kernel)
 
     @staticmethod
@@ -257,10 +253,11 @@ class _GatherMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Rows past n_kept are unwritten in g_x_RD; only kept rows are read (dropped -> row 0, masked).
             g_x_RD = grouped_mm(g_RN, w_LDN.transpose(1, 2), counts_L, ctx.kernel)
-            g_x = (_assignment_grad if ctx.per_assignment else _token_grad)(g_x_RD, row_TK, live_TK).to(x_TD.dtype)
+            g_x = (_assignment_grad if ctx.per_assignment else _token_grad)(g_x_RD, row_TK, live_TK, ctx.fused)
+            g_x = g_x.to(x_TD.dtype)
         if ctx.needs_input_grad[1]:
             g_w = grouped_wgrad(x_TD.index_select(0, index_R), g_RN, counts_L, ctx.kernel)
-        return g_x, g_w, None, None, None, None, None, None
+        return g_x, g_w, None, None, None, None, None, None, None
 
 
 def gather_mm(x_TD: Optional[torch.Tensor], p: Plan, w_LDN: torch.Tensor, kernel: str = "auto",
@@ -273,7 +270,7 @@ def gather_mm(x_TD: Optional[torch.Tensor], p: Plan, w_LDN: torch.Tensor, kernel
     kernel = resolve_kernel(kernel, x, *w.shape[1:])
     index_R = p.token_A if x_XD is None else p.source_A
     return _GatherMM.apply(x, w, index_R, p.counts_E, p.row_TK, None if p.dropless else p.live_TK, kernel,
-                           x_XD is not None)
+                           x_XD is not None, p.fused)
 
 
 class _MMCombine(torch.autograd.Function):
@@ -284,10 +281,10 @@ class _MMCombine(torch.autograd.Function):
     gathers g once (R x D) and never scales an R x D tensor."""
 
     @staticmethod
-    def forward(ctx, a_RF, w_LFD, weight_TK, row_TK, source_R, token_R, counts_L, kernel):
+    def forward(ctx, a_RF, w_LFD, weight_TK, row_TK, source_R, token_R, counts_L, kernel, fused):
         ctx.save_for_backward(a_RF, w_LFD, weight_TK, source_R, token_R, counts_L)
         ctx.kernel = kernel
-        return _sum_rows(grouped_mm(a_RF, w_LFD, counts_L, kernel), row_TK, weight_TK.detach())
+        return _sum_rows(grouped_mm(a_RF, w_LFD, counts_L, kernel), row_TK, weight_TK.detach(), fused)
 
     @staticmethod
     def backward(ctx, g_TD):
@@ -302,7 +299,7 @@ class _MMCombine(torch.autograd.Function):
         g_a = u_RF * w_R.to(u_RF.dtype).unsqueeze(-1)
         g_w = grouped_wgrad(a_RF * w_R.to(a_RF.dtype).unsqueeze(-1), g_RD, counts_L, ctx.kernel)
         grad_weight = torch.zeros(weight_TK.numel(), dtype=dot_R.dtype, device=dot_R.device).scatter_(0, source_R, dot_R)
-        return g_a, g_w, grad_weight.view(weight_TK.shape).to(weight_TK.dtype), None, None, None, None, None
+        return g_a, g_w, grad_weight.view(weight_TK.shape).to(weight_TK.dtype), None, None, None, None, None, None
 
 
 def mm_combine(a_RF: torch.Tensor, w_LFD: torch.Tensor, p: Plan, kernel: str = "auto") -> torch.Tensor:
@@ -310,7 +307,7 @@ def mm_combine(a_RF: torch.Tensor, w_LFD: torch.Tensor, p: Plan, kernel: str = "
     ignored), without keeping the R x D expert outputs for the backward. p may be a split_choices view."""
     w = w_LFD.to(a_RF.dtype)
     kernel = resolve_kernel(kernel, a_RF, *w.shape[1:])
-    return _MMCombine.apply(a_RF, w, p.weight_TK, p.row_TK, p.source_A, p.token_A, p.counts_E, kernel)
+    return _MMCombine.apply(a_RF, w, p.weight_TK, p.row_TK, p.source_A, p.token_A, p.counts_E, kernel, p.fused)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -370,4 +367,4 @@ def combine(y_RD: torch.Tensor, p: Plan) -> torch.Tensor:
     of the plan (all A rows on one rank, where rows past n_kept are not computed and may hold anything; the
     kept rows only after an expert-parallel exchange): only kept rows are read."""
     R = y_RD.shape[0]
-    return _Combine.apply(y_RD, p.weight_TK, p.row_TK, p.source_A[:R], p.token_A[:R])
+    return _Combine.apply(y_RD, p.weight_TK, p.row_TK, p.source_A[:R], p.token_A[:R], p.fused)

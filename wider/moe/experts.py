@@ -18,76 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")  # silu: not gated (UMoE's experts)
-
-
-# torch's grouped GEMM takes fewer than 1024 groups per call (DESIGN 6); more experts (the fine-grained grid's
-# G 16 x E 64 = 1024) run in chunks of this many groups.
-MAX_GROUPS = 1023
-
-
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype, K: int, N: int) -> bool:
-    """Whether torch's grouped GEMM runs for these operands: on CPU in fp32 (torch 2.13) with K and N multiples
-    of 4, on CUDA in bf16 with K and N multiples of 8 (16-byte aligned rows either way: torch refuses other
-    strides, e.g. SwitchHead's 6-channel heads in tests)."""
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if device.type == "cpu":
-        return dtype == torch.float32 and K % 4 == 0 and N % 4 == 0
-    return device.type == "cuda" and dtype == torch.bfloat16 and K % 8 == 0 and N % 8 == 0
-
-
-def grouped_mm(x_RK: torch.Tensor, w_LKN: torch.Tensor, counts_L: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
-    """Row block i of x (counts_L[i] rows, in order) times w_LKN[i]; rows past sum(counts_L) are not computed
-    (grouped_mm leaves them unwritten, the loop returns zeros there). kernel: 'auto' (grouped GEMM where
-    grouped_mm_supported, else the loop), 'grouped_mm' or 'loop' (the reference path: the same math, one
-    matmul per expert)."""
-    L, K, N = w_LKN.shape
-    kernel = resolve_kernel(kernel, x_RK, K, N)
-    if kernel == "grouped_mm":
-        if L <= MAX_GROUPS:
-            offs = torch.cumsum(counts_L, 0).to(torch.int32)
-            return F.grouped_mm(x_RK, w_LKN.to(x_RK.dtype), offs=offs)
-        # Each chunk's rows must start at row 0 of its call: the chunk boundaries are read on the host (one
-        # synchronisation per call, cheaper than one matmul per expert).
-        chunks = range(0, L, MAX_GROUPS)
-        edges = torch.cumsum(counts_L, 0)[[c - 1 for c in chunks[1:]] + [L - 1]].tolist()
-        parts, start = [], 0
-        for c, end in zip(chunks, edges):
-            parts.append(grouped_mm(x_RK[start:end], w_LKN[c:c + MAX_GROUPS], counts_L[c:c + MAX_GROUPS], kernel))
-            start = end
-        return torch.cat(parts + [x_RK.new_zeros((x_RK.shape[0] - start, N))])
-    sizes = counts_L.tolist()
-    n = sum(sizes)
-    parts = [p @ w_LKN[i].to(x_RK.dtype) for i, p in enumerate(torch.split(x_RK[:n], sizes))]
-    tail = x_RK.new_zeros((x_RK.shape[0] - n, N))
-    return torch.cat(parts + [tail]) if parts else tail
-
-
-def resolve_kernel(kernel: str, x: torch.Tensor, K: int, N: int) -> str:
-    """'auto' -> 'grouped_mm' where grouped_mm_supported, else 'loop'; other names pass through."""
-    if kernel != "auto":
-        return kernel
-    return "grouped_mm" if grouped_mm_supported(x.device, x.dtype, K, N) else "loop"
-
-
-def grouped_wgrad(x_RK: torch.Tensor, g_RN: torch.Tensor, counts_L: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
-    """The weight gradient of grouped_mm: out[i] = x_i^T g_i over row block i (counts_L[i] rows), [L, K, N]; rows
-    past sum(counts_L) are not read (they may hold anything). The same call torch's grouped_mm backward makes (a
-    2-D x 2-D grouped GEMM with the groups along the reduced dimension); 'loop': one matmul per expert."""
-    L, (R, K), N = counts_L.numel(), x_RK.shape, g_RN.shape[-1]
-    kernel = resolve_kernel(kernel, x_RK, K, N)
-    if kernel == "grouped_mm":
-        if L <= MAX_GROUPS:
-            return F.grouped_mm(x_RK.t(), g_RN, offs=torch.cumsum(counts_L, 0).to(torch.int32))
-        chunks = range(0, L, MAX_GROUPS)  # as grouped_mm: chunk boundaries read on the host
-        edges = [0] + torch.cumsum(counts_L, 0)[[c - 1 for c in chunks[1:]] + [L - 1]].tolist()
-        return torch.cat([grouped_wgrad(x_RK[a:b], g_RN[a:b], counts_L[c:c + MAX_GROUPS], kernel)
-                          for c, a, b in zip(chunks, edges[:-1], edges[1:])])
-    sizes = counts_L.tolist()
-    n = sum(sizes)
-    xs, gs = torch.split(x_RK[:n], sizes), torch.split(g_RN[:n], sizes)
-    return torch.stack([a.t() @ b for a, b in zip(xs, gs)]) if L else x_RK.new_zeros((0, K, N))
+from wider.moe import dispatch
+from wider.moe.config import ACTIVATIONS
+from wider.moe.kernels import expert_kernel_name, grouped_mm
 
 
 class GroupedExperts(nn.Module):
@@ -110,34 +43,28 @@ class GroupedExperts(nn.Module):
             self.w1_LDF.copy_(w1_EDF[ep_rank * L:(ep_rank + 1) * L])
             self.w2_LFD.copy_(w2_EFD[ep_rank * L:(ep_rank + 1) * L])
 
-    kernel: str = "auto"  # 'auto' | 'grouped_mm' | 'loop' (see grouped_mm)
+    def kernel_name(self, device: torch.device, dtype: torch.dtype, kernel: str = "auto") -> str:
+        """The expert kernel `kernel` ('auto' | 'grouped_mm' | 'loop': the layer's Kernels.expert) resolves to for
+        activations of this device and dtype (reported at start)."""
+        return expert_kernel_name(kernel, device, dtype, [(self.hidden_size, self.w1_LDF.shape[-1]),
+                                                          (self.ffn_size, self.hidden_size)])
 
-    def kernel_name(self, device: torch.device, dtype: torch.dtype) -> str:
-        """The expert kernel 'auto' picks for activations of this device and dtype (reported at start)."""
-        if self.kernel != "auto":
-            return self.kernel
-        F_in = self.w1_LDF.shape[-1]
-        ok = (grouped_mm_supported(device, dtype, self.hidden_size, F_in)
-              and grouped_mm_supported(device, dtype, self.ffn_size, self.hidden_size))
-        return "grouped_mm" if ok else "loop"
-
-    def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
         """x_RD: rows grouped by local expert (counts_L of each). Rows past sum(counts_L) are not computed:
         torch's grouped GEMM leaves them unwritten in its output and in its input gradient (stale memory), so
-        callers must never read them (wider.moe.dispatch reads only kept rows, forward and backward)."""
-        return grouped_mm(self._activate(grouped_mm(x_RD, self.w1_LDF, counts_L, self.kernel)), self.w2_LFD,
-                          counts_L, self.kernel)
+        callers must never read them (wider.moe.dispatch reads only kept rows, forward and backward). kernel: see
+        wider.moe.kernels.grouped_mm."""
+        return grouped_mm(self._activate(grouped_mm(x_RD, self.w1_LDF, counts_L, kernel)), self.w2_LFD, counts_L,
+                          kernel)
 
-    def forward_plan(self, x_TD, p, x_XD=None) -> torch.Tensor:
+    def forward_plan(self, x_TD, p, x_XD=None, kernel: str = "auto") -> torch.Tensor:
         """The experts on a dispatch.Plan's assignments of the tokens x_TD (or of per-assignment inputs x_XD
         [T * K, D], token-major), weighted and summed per token (all experts on this rank: moe.ep_size 1): the same
         math as combine(forward(gather_tokens(x_TD, p)), p), with the gather fused into the first GEMM's autograd
         node and the combine into the second's (dispatch.gather_mm / mm_combine), so neither R x D tensor is
         kept for the backward."""
-        from wider.moe import dispatch
-
-        h_RF = self._activate(dispatch.gather_mm(x_TD, p, self.w1_LDF, self.kernel, x_XD=x_XD))
-        return dispatch.mm_combine(h_RF, self.w2_LFD, p, self.kernel)
+        h_RF = self._activate(dispatch.gather_mm(x_TD, p, self.w1_LDF, kernel, x_XD=x_XD))
+        return dispatch.mm_combine(h_RF, self.w2_LFD, p, kernel)
 
     def _activate(self, h_RF: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":

@@ -24,24 +24,25 @@ for experts, presented by state-dict hooks over our stacked weights) and tag exp
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
-from deepspeed.utils import groups
 from torch import nn
 
 from wider.moe import dispatch
-from wider.moe.experts import GroupedExperts, init_expert_weights, scaled_output_std
+from wider.moe.config import MoEConfig
+from wider.moe.experts import GroupedExperts, init_expert_weights
 from wider.moe.router import (SigmoidTopKRouter, SoftmaxTopKRouter, router_entropy, sequence_balance_loss,
                               sequence_entropy_loss, sequence_prob_sums)
-from wider.moe.settings import MoESettings
 
 _EXPERT_KEY = re.compile(r"^deepspeed_experts\.(\d+)\.(w1|w2)$")
-_STACKED = {"w1": "w1_LDF", "w2": "w2_LFD"}
+# DeepSpeed's per-expert key names -> wider's stacked parameters (the checkpoint reader, wider.checkpoint.native,
+# maps expert files with it too).
+STACKED_EXPERT_PARAMS = {"w1": "w1_LDF", "w2": "w2_LFD"}
 
 
 @dataclass
@@ -63,20 +64,6 @@ class CallRecord:
     router: str = ""  # which router of the layer made the record ("" for an MoE FFN; SwitchHead: "v" or "o")
 
 
-def expert_parallel_group_name(ep_size: int) -> str:
-    """DeepSpeed's name for the expert-parallel / expert-data-parallel group pair of this size."""
-    return f"ep_size_{ep_size}"
-
-
-def ensure_expert_groups(ep_size: int) -> None:
-    """Create DeepSpeed's expert-parallel and expert-data-parallel groups for ep_size (collective: every
-    rank must call it). Consecutive ranks form an EP group ([0,1], [2,3], ...); ranks holding the same
-    experts form the expert-data-parallel group ([0,2,...], [1,3,...]) over which expert gradients are
-    averaged."""
-    if expert_parallel_group_name(ep_size) not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-
-
 class _Core(nn.Module):
     """The `deepspeed_moe` child: keeps DeepSpeed's key layout (gate.wg.weight, experts.deepspeed_experts.*)."""
 
@@ -86,118 +73,112 @@ class _Core(nn.Module):
 
 
 class MoE(_DeepSpeedMoE):
-    """Top-k MoE FFN: forward(hidden [..., D]) -> (output [..., D], weighted aux loss, routed counts [E]),
-    the same return contract as deepspeed.moe.layer.MoE.
+    """Top-k MoE FFN described by one MoEConfig (wider.moe.config): forward(hidden [..., D]) -> (output [..., D],
+    weighted aux loss, routed counts [E]), the same return contract as deepspeed.moe.layer.MoE.
 
-    router: "softmax" (Switch / GLaM / WideNet; see SoftmaxTopKRouter) or "sigmoid" (sigma-MoE, MoEUT: see
-    SigmoidTopKRouter; the router LayerNorms its own input while the experts read the raw hidden states).
+    Router kinds (config.router): "softmax" (Switch / GLaM / WideNet; see SoftmaxTopKRouter), "sigmoid" (sigma-MoE,
+    MoEUT: see SigmoidTopKRouter; the router LayerNorms its own input while the experts read the raw hidden states)
+    or "none" (an expert bank routed by its callers: route(x, gate=...) and run_experts).
 
     Aux losses: softmax routers: balance (weight settings.aux_loss_weight) and z-loss (settings.z_loss_weight)
     are summed into one weighted scalar per call. Sigmoid routers: no balance loss (aux_loss_weight does not
     apply; the balance value is still reported); z-loss as above; and the sequence entropy regulariser
-    (weight `entropy_weight`, default settings.entropy_weight_ffn), pooled over every call of the layer by
-    wider.moe.stats.take. Every call appends a CallRecord to `self.records`, which wider.moe.stats collects (a
-    layer shared by several blocks reports once per call, in call order). The aux returned by forward counts
-    the entropy regulariser of this call alone (equal to the pooled one for a layer called once per step).
+    (config.regulariser_weight), pooled over every call of the layer by wider.moe.stats.take. Every call appends a
+    CallRecord to `self.records`, which wider.moe.stats collects (a layer shared by several blocks reports once
+    per call, in call order). The aux returned by forward counts the entropy regulariser of this call alone (equal
+    to the pooled one for a layer called once per step).
 
-    seq_dim: where the sequence runs in the input [..., D] (megatron's [s, b, h]: 0); it decides which tokens
-    the entropy regulariser pools. A [T, D] input is one sequence.
+    `config` may be replaced by a derived one for a while (reconfigured(): generation's dropless, eager routing);
+    its shape, router kind and groups must stay the same, since the weights were built for them.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, ffn_size: int, settings: MoESettings,
-                 activation: str = "gelu", noise_std: float = 0.0, renormalize: bool = False,
-                 init_std: float = 0.02, output_std: Optional[float] = None, num_layers_for_init: int = 1,
-                 label: str = "moe", shared: bool = False, router: str = "softmax",
-                 entropy_weight: Optional[float] = None, seq_dim: int = 0):
+    def __init__(self, config: MoEConfig):
         nn.Module.__init__(self)  # not DeepSpeed's __init__: it would build its own gate and dispatcher
-        ep = settings.ep_size
-        if num_experts % ep:
-            raise ValueError(f"num_experts {num_experts} is not divisible by moe.ep_size {ep}")
+        config.check()
+        self.config = config
+        groups = config.groups
         # Attributes DeepSpeed's engine and checkpoint code read from a MoE module.
-        self.num_experts, self.ep_size, self.num_local_experts = num_experts, ep, num_experts // ep
-        self.expert_group_name = expert_parallel_group_name(ep)
+        self.num_experts, self.ep_size = config.num_experts, groups.ep_size
+        self.num_local_experts = config.num_local_experts
+        self.expert_group_name = groups.name
         self.use_residual, self.enable_expert_tensor_parallelism = False, False
-
-        self.hidden_size, self.top_k, self.settings = hidden_size, top_k, settings
-        if router not in ("softmax", "sigmoid", "none"):
-            raise ValueError(f"router {router!r} is not a router kind; use 'softmax', 'sigmoid' or 'none' (an expert "
-                             "bank routed by its callers: run_experts)")
-        if router == "sigmoid" and (noise_std or renormalize):
-            raise ValueError(f"router 'sigmoid' takes no noise and no renormalisation (got noise_std {noise_std}, "
-                             f"renormalize {renormalize}); sigma-MoE uses the raw sigmoid gates: pass 0 / False")
-        self.router_kind, self.seq_dim = router, seq_dim
-        self.entropy_weight = (settings.entropy_weight_ffn if entropy_weight is None else float(entropy_weight)) \
-            if router == "sigmoid" else 0.0
-        self.label, self.shared = label, shared
-        self.router_name = ""  # CallRecord.router of forward()'s records (UMoE names its FFN routing "ffn")
+        # What wider.moe.stats reads of every routing module (SwitchHead has the same).
+        self.label, self.shared = config.label, config.shared
         self.records: list[CallRecord] = []
-        self._exchange: Optional[dispatch.ExpertExchange] = None
 
-        if router == "sigmoid":
-            gate = SigmoidTopKRouter(hidden_size, num_experts, top_k, init_std)
-        elif router == "softmax":
-            gate = SoftmaxTopKRouter(hidden_size, num_experts, top_k, noise_std, renormalize, init_std)
+        c = config
+        if c.router == "sigmoid":
+            gate = SigmoidTopKRouter(c.hidden_size, c.num_experts, c.top_k, c.init_std)
+        elif c.router == "softmax":
+            gate = SoftmaxTopKRouter(c.hidden_size, c.num_experts, c.top_k, c.noise_std, c.renormalize, c.init_std)
         else:  # "none": the callers bring their own routers (route(..., gate=...)) and call run_experts
             gate = None
-        experts = GroupedExperts(self.num_local_experts, hidden_size, ffn_size, activation)
+        experts = GroupedExperts(self.num_local_experts, c.hidden_size, c.ffn_size, c.activation)
         # Draw every expert's weights on every rank (same RNG stream), keep this rank's slice.
-        out_std = output_std if output_std is not None else scaled_output_std(init_std, num_layers_for_init)
-        w1, w2 = init_expert_weights(num_experts, hidden_size, ffn_size, activation, init_std, out_std)
-        experts.init_from_full(w1, w2, self._ep_rank())
+        out_std = c.output_std if c.output_std is not None else c.init_std
+        w1, w2 = init_expert_weights(c.num_experts, c.hidden_size, c.ffn_size, c.activation, c.init_std, out_std)
+        experts.init_from_full(w1, w2, groups.ep_rank)
         for p in experts.parameters():  # as deepspeed.moe.experts.Experts tags them
             p.allreduce = False
             p.group_name = self.expert_group_name
         self.deepspeed_moe = _Core(gate, experts)
         experts.register_state_dict_post_hook(_split_experts_hook)
         experts.register_load_state_dict_pre_hook(_stack_experts_hook)
+        self._exchange = dispatch.ExpertExchange(groups.group, groups.ep_size, self.num_local_experts)
 
-    def _ep_rank(self) -> int:
-        if self.ep_size == 1:
-            return 0
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            raise RuntimeError(f"expert-parallel groups for ep_size {self.ep_size} do not exist yet; call "
-                               f"wider.moe.layer.ensure_expert_groups({self.ep_size}) on every rank before "
-                               "building the model")
-        return groups._get_expert_parallel_rank(self.expert_group_name)
+    @property
+    def ep_rank(self) -> int:
+        """This rank's position in the expert-parallel group: it holds experts [ep_rank * L, (ep_rank + 1) * L)."""
+        return self.config.groups.ep_rank
 
-    # DeepSpeed's engine calls this after wrapping the model.
+    # DeepSpeed's engine calls this after wrapping the model; DeepSpeed's own layer creates its groups here. Ours
+    # came with the config (wider.parallel.expert_groups made them, and registered them where DeepSpeed's ZeRO
+    # looks them up), so there is nothing to create: only a topology we do not build is refused.
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        if self.ep_size > 1:
-            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-                groups._create_expert_and_data_parallel(
-                    self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
-        self._exchange = None  # rebuilt from the (possibly new) group at the next forward
+        if use_data_before_expert_parallel_ and self.ep_size > 1:
+            raise ValueError("use_data_before_expert_parallelism is not supported by wider's MoE (its expert groups "
+                             "are consecutive ranks); remove it from the ds_config")
 
-    def exchange(self) -> dispatch.ExpertExchange:
-        if self._exchange is None:
-            group = groups._get_expert_parallel_group(self.expert_group_name) if self.ep_size > 1 else None
-            if self.ep_size > 1:
-                self._ep_rank()  # raises the clear error when the groups are missing
-            self._exchange = dispatch.ExpertExchange(group, self.ep_size, self.num_local_experts)
-        return self._exchange
+    def describe(self, device: torch.device, dtype: torch.dtype) -> str:
+        """One line for the start-up banner: shape, capacity, loss weights, ep_size and the kernels that run."""
+        from wider.moe.kernels import fused_gathers
+
+        c, s = self.config, self.config.settings
+        if c.router == "sigmoid":
+            losses = (f"entropy ffn {s.entropy_weight_ffn} attention {s.entropy_weight_attention} z "
+                      f"{s.z_loss_weight}")
+        else:
+            losses = f"aux {s.aux_loss_weight} z {s.z_loss_weight}"
+        kernel = self.deepspeed_moe.experts.kernel_name(device, dtype, c.kernels.expert)
+        return (f"moe: {c.num_experts} experts x {c.ffn_size} wide, top-{c.top_k}, {c.router} router | capacity "
+                f"factor {s.capacity_factor_for(True)} (eval {s.capacity_factor_for(False)}, min {s.min_capacity}) | "
+                f"{losses} | ep_size {self.ep_size} | expert kernel {kernel}"
+                f"{'' if kernel == 'grouped_mm' else ' (reference loop: grouped GEMM unavailable here)'} | gathers "
+                f"{'triton' if fused_gathers(c.kernels.gather, device) else 'torch'}")
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
         if used_token is not None:
-            raise NotImplementedError("used_token masking is not supported by wider's MoE")
+            raise ValueError("used_token masking is not supported by wider's MoE; pass hidden states only")
         if self.deepspeed_moe.gate is None:
             raise RuntimeError(f"MoE {self.label!r} was built with router 'none' (an expert bank): route with "
                                "route(x, gate=...) and compute with run_experts(...)")
         shape = hidden_states.shape
-        x_TD = hidden_states.reshape(-1, self.hidden_size)
+        x_TD = hidden_states.reshape(-1, self.config.hidden_size)
         routing, p = self.route(x_TD)
         out_TD = self.run_experts(p, x_TD=x_TD)
-        aux = self.record(routing, p, tuple(shape[:-1]), self.router_name)
+        aux = self.record(routing, p, tuple(shape[:-1]), self.config.router_name)
         return out_TD.reshape(shape), aux, p.routed_E
 
     def route(self, x_TD: torch.Tensor, gate: Optional[nn.Module] = None) -> tuple:
         """(Routing, Plan) of the tokens x_TD by `gate` (default this layer's router; UMoE's attention brings its
         own router over the same experts), with this layer's capacity for that router's top-k."""
         gate = self.deepspeed_moe.gate if gate is None else gate
+        c = self.config
         cap = dispatch.capacity(x_TD.shape[0], gate.top_k, self.num_experts,
-                                self.settings.capacity_factor_for(self.training), self.settings.min_capacity)
-        route = _route_compiled if (COMPILE_ROUTING and x_TD.is_cuda) else _route
+                                c.settings.capacity_factor_for(self.training), c.settings.min_capacity)
+        route = _route_compiled if (c.kernels.compile_routing and x_TD.is_cuda) else _route
         fn, args = gate.routing_call(self.training)
-        return route(fn, x_TD, args, self.num_experts, cap)
+        return route(fn, x_TD, args, self.num_experts, cap, c.kernels.gather)
 
     def run_experts(self, p: dispatch.Plan, x_TD: Optional[torch.Tensor] = None,
                     x_XD: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -207,75 +188,91 @@ class MoE(_DeepSpeedMoE):
         if (x_TD is None) == (x_XD is None):
             raise ValueError("run_experts takes exactly one of x_TD (per-token inputs) and x_XD (per-assignment inputs)")
 
-        ex = self.exchange()
+        ex = self._exchange
         experts = self.deepspeed_moe.experts
+        kernel = self.config.kernels.expert
         if ex.ep_size == 1:
             # Fixed shapes, no host synchronisation: all T*K rows are gathered; the grouped GEMMs compute only
             # the kept ones (their offsets end at n_kept) and the combine reads only those. The gather and the
             # combine are fused into the GEMMs' autograd nodes: no R x D tensor is kept for the backward.
-            return experts.forward_plan(x_TD, p, x_XD=x_XD)
+            return experts.forward_plan(x_TD, p, x_XD=x_XD, kernel=kernel)
         # all_to_all_single takes its split sizes as host integers: one synchronisation is unavoidable.
         n_kept = int(p.counts_E.sum())
         rows = dispatch.gather_tokens(x_TD, p, n_kept) if x_XD is None else dispatch.gather_assignments(x_XD, p, n_kept)
         x_RD, counts_L, state = ex.send(rows, p.counts_E)
-        return dispatch.combine(ex.back(experts(x_RD, counts_L), state), p)
+        return dispatch.combine(ex.back(experts(x_RD, counts_L, kernel), state), p)
 
     def record(self, routing, p: dispatch.Plan, token_shape: tuple, router_name: str = "") -> torch.Tensor:
         """Append this call's CallRecord (under `router_name`) and return its weighted aux loss. token_shape: the
-        routed input's shape without D (the sequence along self.seq_dim), for the sequence-level losses."""
-        s = self.settings
-        sigmoid = self.router_kind == "sigmoid"  # a bank ("none") is routed by softmax routers (UMoE)
+        routed input's shape without D (the sequence along config.seq_dim), for the sequence-level losses."""
+        c, s = self.config, self.config.settings
+        sigmoid = c.router == "sigmoid"  # a bank ("none") is routed by softmax routers (UMoE)
         balance = routing.aux["balance"]
         if not sigmoid and s.aux_loss_scope == "sequence":
-            balance = sequence_balance_loss(routing.probs_TE, routing.expert_ids_TK, token_shape, self.seq_dim)
+            balance = sequence_balance_loss(routing.probs_TE, routing.expert_ids_TK, token_shape, c.seq_dim)
         aux = routing.aux["z"] * s.z_loss_weight
         if not sigmoid:
             aux = aux + balance * s.aux_loss_weight
         record = CallRecord(aux=aux, balance=balance.detach(), z=routing.aux["z"].detach(),
                             entropy=router_entropy(routing.probs_TE), routed_E=p.routed_E.detach(),
                             kept_E=p.counts_E.detach(), router=router_name)
-        if sigmoid and self.entropy_weight > 0:
+        weight = c.regulariser_weight
+        if sigmoid and weight > 0:
             T = routing.probs_TE.shape[0]
-            record.prob_sums_BE = sequence_prob_sums(routing.probs_TE, token_shape, self.seq_dim)
-            record.tokens_per_seq = token_shape[self.seq_dim] if len(token_shape) > 1 else T
-            record.entropy_weight = self.entropy_weight
-            aux = aux + self.entropy_weight * sequence_entropy_loss(record.prob_sums_BE, record.tokens_per_seq)
+            record.prob_sums_BE = sequence_prob_sums(routing.probs_TE, token_shape, c.seq_dim)
+            record.tokens_per_seq = token_shape[c.seq_dim] if len(token_shape) > 1 else T
+            record.entropy_weight = weight
+            aux = aux + weight * sequence_entropy_loss(record.prob_sums_BE, record.tokens_per_seq)
         self.records.append(record)
         return aux
 
 
-def set_dropless(model: nn.Module) -> list:
-    """Make every MoE layer of `model` compute every routed assignment (no capacity, in training and evaluation);
-    returns [(layer, previous settings)] for restore_settings. Used where a token's output must not depend on how
-    many tokens share its forward pass: generation (wider.generation.inference_mode) and --dropless evaluation."""
-    saved = [(m, m.settings) for m in model.modules() if isinstance(m, MoE)]
-    for m, s in saved:
-        m.settings = dataclasses.replace(s, drop_tokens=False)  # capacity_factor_for() -> None
+def moe_layers(model: nn.Module) -> list:
+    """Every MoE layer of the model, once each (modules() lists a shared layer once)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def configure(model: nn.Module, derive: Callable[[MoEConfig], MoEConfig]) -> list:
+    """Give every MoE layer of `model` the configuration derive(its config) (e.g. MoEConfig.dropless: used where a
+    token's output must not depend on how many tokens share its forward pass: --dropless evaluation); returns
+    [(layer, previous config)] for restore()."""
+    saved = [(m, m.config) for m in moe_layers(model)]
+    for m, c in saved:
+        m.config = derive(c)
     return saved
 
 
-def restore_settings(saved: list) -> None:
-    for m, s in saved:
-        m.settings = s
+def restore(saved: list) -> None:
+    for m, c in saved:
+        m.config = c
 
 
-def _route(fn, x_TD: torch.Tensor, args: tuple, num_experts: int, cap: Optional[int]):
+@contextlib.contextmanager
+def reconfigured(model: nn.Module, derive: Callable[[MoEConfig], MoEConfig]) -> Iterator[None]:
+    """configure() for the duration of a `with` block (generation asks for MoEConfig.dropless and .eager)."""
+    saved = configure(model, derive)
+    try:
+        yield
+    finally:
+        restore(saved)
+
+
+def _route(fn, x_TD: torch.Tensor, args: tuple, num_experts: int, cap: Optional[int], gather: str):
     """Router (fn(x_TD, *args): a router's routing_call) and plan: some forty small element-wise, sort and
     scatter kernels, forward and backward."""
     routing = fn(x_TD, *args)
-    return routing, dispatch.plan(routing.expert_ids_TK, routing.weights_TK, num_experts, cap)
+    return routing, dispatch.plan(routing.expert_ids_TK, routing.weights_TK, num_experts, cap, gather)
 
 
 # On CUDA the router and the plan are launch-bound (measured on an H100, benchmarks/moe_profile.py: wall time
 # about 2 ms above the kernels' sum per layer fwd+bwd at 16k tokens): compiled, they fuse into a few kernels.
-# Compiled once per (tokens, capacity) shape; False keeps eager mode everywhere.
-COMPILE_ROUTING = True
+# Compiled once per (tokens, capacity) shape; Kernels.compile_routing False keeps eager mode.
 _route_compiled = torch.compile(_route, dynamic=False)
 
 
 def _split_experts_hook(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata) -> None:
     """Stacked [L, ...] weights -> one key per local expert, the layout DeepSpeed's checkpointing parses."""
-    for name, stacked in _STACKED.items():
+    for name, stacked in STACKED_EXPERT_PARAMS.items():
         key = prefix + stacked
         if key in state_dict:
             w = state_dict.pop(key)
@@ -286,7 +283,7 @@ def _split_experts_hook(module: GroupedExperts, state_dict: dict, prefix: str, l
 def _stack_experts_hook(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata, strict,
                         missing_keys, unexpected_keys, error_msgs) -> None:
     """One key per local expert -> the stacked parameter (the inverse of _split_experts_hook)."""
-    for name, stacked in _STACKED.items():
+    for name, stacked in STACKED_EXPERT_PARAMS.items():
         keys = [f"{prefix}deepspeed_experts.{i}.{name}" for i in range(module.num_local)]
         if all(k in state_dict for k in keys):
             state_dict[prefix + stacked] = torch.stack([state_dict.pop(k) for k in keys])

@@ -26,10 +26,6 @@ from wider.moe.layer import CallRecord, MoE
 from wider.moe.router import sequence_entropy_loss
 
 
-def moe_layers(model: torch.nn.Module) -> list:
-    return [m for m in model.modules() if isinstance(m, MoE)]  # modules() lists a shared layer once
-
-
 def router_layers(model: torch.nn.Module) -> list:
     """Every module that records routing: the MoE layers and routed attention (SwitchHead), which sets
     `records_routing = True` and keeps a `records` list of CallRecords, a `label` and `shared`."""

@@ -50,11 +50,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from wider.files import atomic_path, atomic_write_json
 from wider.scaling.law import C_F, ScalingError
 
 COLUMNS = ("run", "preset", "N", "N_active", "D", "G", "E", "flops", "loss", "d_model", "n_blocks", "steps",
            "run_dir")
-NUMERIC = ("N", "N_active", "D", "G", "E", "flops", "loss", "d_model", "n_blocks", "steps")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -131,14 +131,11 @@ def read_runs(path: str, need_granularity: bool = True) -> Runs:
 
 def write_runs(path: str, rows: Sequence[dict]) -> None:
     """Write rows (dicts keyed by COLUMNS) atomically: a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for row in rows:
             w.writerow({k: _cell(row.get(k)) for k in COLUMNS})
-    os.replace(tmp, path)
 
 
 def _cell(v) -> str:
@@ -377,9 +374,7 @@ def run_all(runs: Sequence[PlannedRun], launcher: Sequence[str], keep_going: boo
             echo(f"{tag}: finished earlier (loss {_finished_loss(run.run_dir):.4f}), skipped")
             continue
         # A partial run resumes with --resume auto; the recipe itself refuses a checkpoint of another model.
-        os.makedirs(run.run_dir, exist_ok=True)
-        with open(_record_path(run), "w") as f:
-            json.dump({"args": run.args}, f, indent=2)
+        atomic_write_json(_record_path(run), {"args": run.args})
         log = os.path.join(run.run_dir, "train.log")
         cmd = run.command(launcher)
         resumed = " (resuming)" if run.status() == "partial" else ""

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from wider.checkpoint.native import CheckpointError
+from wider.checkpoint.paths import CheckpointError
 
 
 def ensure_local_groups() -> None:
@@ -45,9 +45,11 @@ def ensure_local_groups() -> None:
 
 
 def build_for_config(cfg, moe, vocab_size: int, bf16: bool = False) -> torch.nn.Module:
-    """The run's model through the architecture registry, whole (ep_size 1 for MoE models), on CPU. The caller's
-    CPU RNG state is kept (the build draws initial weights that the loaded tensors then replace)."""
+    """The run's model through the architecture registry, whole (ep_size 1 for MoE models), on CPU. moe: the run's
+    resolved "moe" block (wider.moe.settings.MoESettings) or None. The caller's CPU RNG state is kept (the build
+    draws initial weights that the loaded tensors then replace)."""
     from wider.models import ARCHITECTURES
+    from wider.moe.config import MoERuntime
 
     if cfg.model.arch not in ARCHITECTURES:
         raise CheckpointError(f"the run's model.arch {cfg.model.arch!r} is not one of this wider's architectures "
@@ -61,7 +63,7 @@ def build_for_config(cfg, moe, vocab_size: int, bf16: bool = False) -> torch.nn.
     # explicit here, as in every entry point (never an import side effect).
     patches.apply_defaults()
     with torch.random.fork_rng(devices=[]):
-        return ARCHITECTURES[cfg.model.arch].build(cfg, vocab_size, bf16, moe)
+        return ARCHITECTURES[cfg.model.arch].build(cfg, vocab_size, bf16, None if moe is None else MoERuntime(moe))
 
 
 def load_tensors(model: torch.nn.Module, tensors: dict, source: str) -> None:

@@ -1,8 +1,8 @@
-"""Checkpoints: DeepSpeed's engine.save_checkpoint plus what makes them safe to resume from.
+"""Training checkpoints: DeepSpeed's engine.save_checkpoint plus what makes them safe to resume from.
 
-Layout: RUN_DIR/checkpoints/step_00000120/ holds DeepSpeed's files (model, ZeRO optimizer shards), one RNG
-file per rank, and `complete.json`, written by rank 0 only after every rank has finished writing. A
-checkpoint without `complete.json` is ignored by `--resume auto` (a rank killed mid-save leaves one), so
+Layout (wider.checkpoint.paths): RUN_DIR/checkpoints/step_00000120/ holds DeepSpeed's files (model, ZeRO optimizer
+shards), one RNG file per rank, and `complete.json`, written by rank 0 only after every rank has finished writing.
+A checkpoint without `complete.json` is ignored by `--resume auto` (a rank killed mid-save leaves one), so
 the previous complete checkpoint is never touched and is always the one resumed. Older complete
 checkpoints beyond `keep_checkpoints` and stale incomplete ones are deleted after a successful save.
 
@@ -14,54 +14,23 @@ through wider.checkpoint.reshard otherwise (another data-parallel size, ep_size,
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from wider import parallel
-from wider.files import atomic_write_json
-
-TAG_RE = re.compile(r"^step_(\d{8})$")
-MARKER = "complete.json"
-
-
-def ckpt_root(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def list_checkpoints(run_dir: str) -> list[tuple[int, str, bool]]:
-    """(step, path, complete) for every checkpoint directory, oldest first."""
-    root = ckpt_root(run_dir)
-    if not os.path.isdir(root):
-        return []
-    out = []
-    for name in os.listdir(root):
-        m = TAG_RE.match(name)
-        if m:
-            path = os.path.join(root, name)
-            out.append((int(m.group(1)), path, os.path.isfile(os.path.join(path, MARKER))))
-    return sorted(out)
-
-
-def latest_complete(run_dir: str) -> Optional[str]:
-    done = [p for _, p, ok in list_checkpoints(run_dir) if ok]
-    return done[-1] if done else None
+from wider.checkpoint import reshard
+from wider.checkpoint.native import saved_layout
+from wider.checkpoint.paths import MARKER, RNG_FILE, CheckpointError, ckpt_root, list_checkpoints, tag_for
+from wider.files import atomic_path, atomic_write_json
 
 
 def save(engine, run_dir: str, step: int, client_state: dict, keep: int) -> str:
     """Collective: every rank calls it. Returns the checkpoint directory."""
-    from wider.checkpoint.reshard import engine_layout
-
     layout = parallel.current_layout()
-    recorded = engine_layout(engine)
+    recorded = reshard.engine_layout(engine)
     client_state = {**client_state, "layout": recorded}
     root, tag = ckpt_root(run_dir), tag_for(step)
     path = os.path.join(root, tag)
@@ -72,8 +41,8 @@ def save(engine, run_dir: str, step: int, client_state: dict, keep: int) -> str:
     dist.barrier()
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=True)
     _fault_injection(step, layout.rank)
-    torch.save(parallel.rng_state(), os.path.join(path, f"rng_rank{layout.rank:05d}.pt.tmp"))
-    os.replace(os.path.join(path, f"rng_rank{layout.rank:05d}.pt.tmp"), os.path.join(path, f"rng_rank{layout.rank:05d}.pt"))
+    with atomic_path(os.path.join(path, RNG_FILE.format(rank=layout.rank))) as tmp:
+        torch.save(parallel.rng_state(), tmp)
     dist.barrier()  # every rank's files are on disk before the marker
     if layout.is_main:
         atomic_write_json(os.path.join(path, MARKER), {"step": step, **recorded, "time": time.time()})
@@ -97,11 +66,8 @@ def load(engine, path: str) -> dict:
     RNG states. Returns the client state saved with it; when the layout differed from the saving one (and the
     load was re-sharded), its "resume_note" says so."""
     if not os.path.isfile(os.path.join(path, MARKER)):
-        raise RuntimeError(f"checkpoint {path!r} is incomplete (no {MARKER}: a save was interrupted); resume "
-                           "from an earlier one or use --resume auto, which skips incomplete checkpoints")
-    from wider.checkpoint import reshard
-    from wider.checkpoint.native import saved_layout
-
+        raise CheckpointError(f"checkpoint {path!r} is incomplete (no {MARKER}: a save was interrupted); resume "
+                              "from an earlier one or use --resume auto, which skips incomplete checkpoints")
     saved, now = saved_layout(path), reshard.engine_layout(engine)
     keys = ("tp", "dp", "ep_size", "zero_stage", "bf16")
     if any(saved[k] != now[k] for k in keys):
@@ -114,8 +80,7 @@ def load(engine, path: str) -> dict:
                                             load_lr_scheduler_states=True)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path!r}")
-    rank = parallel.current_layout().rank
-    rng_file = os.path.join(path, f"rng_rank{rank:05d}.pt")
+    rng_file = os.path.join(path, RNG_FILE.format(rank=parallel.current_layout().rank))
     if os.path.isfile(rng_file):
         parallel.set_rng_state(torch.load(rng_file, weights_only=False))
     return client or {}

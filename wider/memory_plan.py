@@ -25,7 +25,7 @@ run's own marked *) in human units, and the run's exact bytes; then the formulas
     total (recompute none)                  11.57 GiB    12.28 GiB    12.28 GiB     13,184,248,576
 
 `--json` puts the same numbers under "plan" (`build` returns that dict). Nothing is allocated and no process
-group is created; the layout is checked by the code a run uses (`RunConfig.validate(world_size)`: tp divides
+group is created; the layout is checked by the code a run uses (`wider.models.validate(cfg, world_size)`: tp divides
 the world, the batch splits; `wider.ds_config.build`: ZeRO 0-2, the "moe" block, ep dividing the experts and
 the data-parallel size), so an impossible layout fails with the run's own message.
 
@@ -79,7 +79,7 @@ MOE_GROUP_MAX = 178956971  # deepspeed.moe.utils.split_params_into_different_moe
 
 
 @dataclass(frozen=True)
-class Layout:
+class PlanLayout:
     """The parallel layout and numerics a run with this config and world size would have."""
 
     world_size: int
@@ -113,16 +113,17 @@ class Layout:
 
 
 def resolve_layout(cfg: RunConfig, world_size: int):
-    """(Layout, MoESettings or None) for cfg on world_size ranks; raises ConfigError for impossible layouts.
+    """(PlanLayout, MoESettings or None) for cfg on world_size ranks; raises ConfigError for impossible layouts.
 
-    The checks are the run's own: RunConfig.validate(world_size) (tp divides the world, batch sizes) and
+    The checks are the run's own: wider.models.validate(cfg, world_size) (tp divides the world, batch sizes) and
     ds_config.build (ZeRO stage, the "moe" block, ep dividing num_experts and the data-parallel size)."""
     from wider import ds_config
     from wider.config import ConfigError
+    from wider.models import validate
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"--world-size must be a positive integer, got {world_size!r}")
-    cfg.validate(world_size)
+    validate(cfg, world_size)
     tp = cfg.train.tensor_parallel
     dp = world_size // tp
     path = ds_config.resolve_path(cfg.train.ds_config, moe=cfg.model.num_experts > 0)
@@ -138,7 +139,7 @@ def resolve_layout(cfg: RunConfig, world_size: int):
     bucket = 0
     if zero.get("contiguous_gradients", True):
         bucket = int(float(zero.get("reduce_bucket_size", 5e8))) * (2 if zero.get("overlap_comm", False) else 1)
-    return (Layout(world_size=world_size, tp=tp, dp=dp, ep=moe.ep_size if moe else 1, zero_stage=stage, bf16=bf16,
+    return (PlanLayout(world_size=world_size, tp=tp, dp=dp, ep=moe.ep_size if moe else 1, zero_stage=stage, bf16=bf16,
                    grad_bytes=grad_bytes, ds_path=path, bucket_elements=bucket), moe)
 
 
@@ -164,7 +165,7 @@ class LocalParams:
 
     def optimizer_groups(self) -> list[tuple[int, bool]]:
         """(elements, is_expert) per optimizer parameter group, in the order DeepSpeed steps them:
-        wider.training.loop.make_optimizer's decay and no-decay groups, then the expert groups that
+        wider.optim.make_optimizer's decay and no-decay groups, then the expert groups that
         DeepSpeed's split_params_into_different_moe_groups_for_optimizer appends, which packs expert tensors
         greedily into groups of at most MOE_GROUP_MAX elements (the tensors of several layers, or one)."""
         groups = [(self.dense - self.dense_vectors, False), (self.dense_vectors, False)]
@@ -180,7 +181,7 @@ class LocalParams:
 
 def local_params(cfg: RunConfig, vocab: int, tp: int, ep: int) -> LocalParams:
     from wider.models import ARCHITECTURES
-    from wider.models.gpt import _norm
+    from wider.models.gpt import norm_params
     from wider.models.gpt_moe import expert_params, is_moe_block
 
     m = cfg.model
@@ -198,7 +199,7 @@ def local_params(cfg: RunConfig, vocab: int, tp: int, ep: int) -> LocalParams:
     dense_all = total - experts_all
     attentions = 1 if m.arch == "widenet" else m.num_layers
     dense_ffns = m.num_layers - moe_blocks
-    norms = (2 * m.num_layers + 1) * _norm(m)
+    norms = (2 * m.num_layers + 1) * norm_params(m)
     biases = (attentions * 4 * h + dense_ffns * (fc1 + h)) if m.add_bias_linear else 0
     # Under TP every weight matrix (embedding and output layer included: vocab-parallel) is split; norms,
     # row-parallel biases (added after the reduction) and learned positions are whole on every rank. Only
@@ -217,7 +218,7 @@ def local_params(cfg: RunConfig, vocab: int, tp: int, ep: int) -> LocalParams:
                        local_experts=local, dense_vectors=norms + biases, largest=largest, expert_tensors=experts)
 
 
-def model_states(p: LocalParams, lay: Layout, stage: int) -> dict:
+def model_states(p: LocalParams, lay: PlanLayout, stage: int) -> dict:
     """Bytes of parameters, gradients, fp32 master copy and Adam m + v on one rank under ZeRO `stage`.
 
     Dense tensors are partitioned over dp ranks, expert tensors over dp / ep ranks (DeepSpeed's
@@ -236,7 +237,7 @@ def model_states(p: LocalParams, lay: Layout, stage: int) -> dict:
     }
 
 
-def backward_gradient_bytes(grads: int, lay: Layout, stage: int) -> int:
+def backward_gradient_bytes(grads: int, lay: PlanLayout, stage: int) -> int:
     """Gradient memory while the backward runs. ZeRO-0: param.grad (the gradients row). ZeRO >= 1 with
     contiguous gradients: DeepSpeed copies each gradient into its reduce bucket (reduce_bucket_size elements,
     two with overlap_comm) and points param.grad there; on CUDA the bucket is allocated whole whatever fills it,
@@ -248,7 +249,7 @@ def backward_gradient_bytes(grads: int, lay: Layout, stage: int) -> int:
     return grads
 
 
-def optimizer_step_bytes(p: LocalParams, lay: Layout, stage: int) -> int:
+def optimizer_step_bytes(p: LocalParams, lay: PlanLayout, stage: int) -> int:
     """Gradients and temporaries alive during the optimizer step (beyond parameters, master and Adam states).
 
     ZeRO 1 / 2 and bf16 (DeepSpeed's flat fp32 optimizer, stage_1_and_2.py step()): group by group, the
@@ -273,7 +274,7 @@ def optimizer_step_bytes(p: LocalParams, lay: Layout, stage: int) -> int:
 # --- activations -----------------------------------------------------------------------------------------
 
 
-def moe_rows(cfg: RunConfig, lay: Layout, moe, tokens: int) -> int:
+def moe_rows(cfg: RunConfig, lay: PlanLayout, moe, tokens: int) -> int:
     """Rows an MoE call feeds this rank's experts. One rank: all T * k assignments are gathered (fixed
     shapes, dropped rows sorted last, wider.moe.layer). With ep > 1 only the kept rows travel: at most
     E * capacity (capacity = ceil(k * cf * T / E), at least min_capacity); dropless: T * k, which assumes
@@ -298,7 +299,7 @@ def hidden_factor(m, expert: bool) -> int:
     return 4 if expert else 5
 
 
-def block_activations(cfg: RunConfig, lay: Layout, moe_block: bool, rows: int) -> dict:
+def block_activations(cfg: RunConfig, lay: PlanLayout, moe_block: bool, rows: int) -> dict:
     """Bytes a block keeps for its backward, one micro-batch on one rank (a = activation bytes, T tokens).
 
     Counted on the built models (torch saved-tensor hooks) and written out here:
@@ -350,7 +351,7 @@ def kept_for_backward(exclude=()):
         yield kept
 
 
-def activations(cfg: RunConfig, lay: Layout, moe, recompute: str) -> dict:
+def activations(cfg: RunConfig, lay: PlanLayout, moe, recompute: str) -> dict:
     """Activation bytes of one micro-batch (logits excluded: see logits_bytes).
 
     recompute 'none': every block's saved tensors. 'full' (megatron uniform, one block per checkpoint,
@@ -380,7 +381,7 @@ def activations(cfg: RunConfig, lay: Layout, moe, recompute: str) -> dict:
             "per_block": {("moe" if kind else "dense"): v for kind, v in per.items()}}
 
 
-def logits_bytes(cfg: RunConfig, lay: Layout, padded_vocab: int) -> int:
+def logits_bytes(cfg: RunConfig, lay: PlanLayout, padded_vocab: int) -> int:
     """megatron's vocab-parallel cross entropy: the fp32 softmax over this rank's vocabulary slice, kept for
     the backward, which writes the gradient into it in place (so one copy, not two). Under bf16 the bf16
     logits exist beside it only inside the forward, before any activation is freed by the backward."""
@@ -388,7 +389,7 @@ def logits_bytes(cfg: RunConfig, lay: Layout, padded_vocab: int) -> int:
     return 4 * T * (padded_vocab // lay.tp)
 
 
-def all_to_all_bytes(cfg: RunConfig, lay: Layout, moe) -> int:
+def all_to_all_bytes(cfg: RunConfig, lay: PlanLayout, moe) -> int:
     """Expert parallelism: per MoE call the gathered rows to send and the rows received, then the expert
     outputs on their way back (send and receive again): 4 a R h, transient, one MoE call at a time."""
     if lay.ep == 1 or not cfg.model.num_experts:
@@ -405,9 +406,9 @@ def build(cfg: RunConfig, world_size: int = 1, vocab: Optional[int] = None) -> d
     from wider.models import ARCHITECTURES
 
     if vocab is None:
-        from wider.info import vocab_size
+        from wider.data import planning_vocab_size
 
-        vocab, _ = vocab_size(cfg)
+        vocab, _ = planning_vocab_size(cfg)
     lay, moe = resolve_layout(cfg, world_size)
     m, t = cfg.model, cfg.train
     pc = ARCHITECTURES[m.arch].count(cfg, vocab)
@@ -526,6 +527,6 @@ def format_plan(p: dict, cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Layout", "LocalParams", "resolve_layout", "local_params", "model_states", "block_activations",
+__all__ = ["PlanLayout", "LocalParams", "resolve_layout", "local_params", "model_states", "block_activations",
            "activations", "logits_bytes", "all_to_all_bytes", "optimizer_step_bytes", "build", "format_plan",
            "fmt_bytes"]

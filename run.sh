@@ -6,6 +6,7 @@
 #   ./run.sh test [pytest args]  run the test suite (what CI runs)
 #   ./run.sh tensorboard         serve runs/ on port 6006 (WIDER_TB_PORT to change)
 #   ./run.sh info PRESET         parameters, FLOPs and tokens per step of a preset
+#   ./run.sh prepare             set up and prepare the embedded corpus only (cache/embedded/, about 10 s)
 #   ./run.sh --help              this text and the presets
 #
 # Environment: WIDER_PYTHON (interpreter for the venv, default python3.11 or python3), WIDER_CPU_RANKS (CPU
@@ -87,12 +88,14 @@ except ValueError as e: sys.exit(f'error: {e}')" "$preset")
   # The embedded corpus is the default data of every preset; it is prepared once and cached.
   prepare_embedded
   local port=${WIDER_MASTER_PORT:-$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
+  # wider.launch = the deepspeed command, after checking every input in this one process (invalid input: one
+  # line, exit 2, nothing written) and with signals turned into a checkpoint and exit 0 (DESIGN.md 4.4).
   if has_gpu; then
     local n=${WIDER_NUM_GPUS:-$(nvidia-smi -L | wc -l)}
-    exec "$VENV/bin/deepspeed" --num_gpus "$n" --master_port "$port" "$recipe" --preset "$preset" "$@"
+    exec "$PY" -m wider.launch --num_gpus "$n" --master_port "$port" "$recipe" --preset "$preset" "$@"
   else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # cpu: skips the CUDA probe and its warning
-    exec "$VENV/bin/deepspeed" --num_gpus "${WIDER_CPU_RANKS:-2}" --master_port "$port" "$recipe" --preset "$preset" "$@"
+    exec "$PY" -m wider.launch --num_gpus "${WIDER_CPU_RANKS:-2}" --master_port "$port" "$recipe" --preset "$preset" "$@"
   fi
 }
 

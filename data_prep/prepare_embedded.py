@@ -25,7 +25,7 @@ from wider.files import atomic_write_json, atomic_write_jsonl, sha256_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus", "kjv.jsonl.xz")
-FORMAT = 1  # bump when the preparation changes, so that caches are rebuilt
+FORMAT = 2  # bump when the preparation changes, so that caches are rebuilt (2: canonical tokenizer files)
 SHUFFLE_SEED = 1611
 
 
@@ -65,7 +65,7 @@ def prepare_embedded(out_dir: str = "cache/embedded", vocab_size: int = 8000, wo
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="cache/embedded", help="Where to write (default cache/embedded).")
     p.add_argument("--vocab-size", type=int, default=8000, help="Tokenizer vocabulary (default 8000).")
     p.add_argument("--workers", type=int, default=1, help="Tokenizer processes (the corpus is small: 1).")

@@ -24,6 +24,7 @@ import time
 from typing import Iterator, Optional
 
 from data_prep.documents import DataPrepError, TEXT_MODES, expand_inputs, iter_documents
+from data_prep.train_tokenizer import tokenizer_identity
 from wider.files import atomic_write_json, sha256_file
 
 _worker_sp = None
@@ -134,6 +135,7 @@ def preprocess(inputs: list[str], tokenizer_model: str, output_prefix: str, work
             "tokens_per_second": round(n_tokens / max(seconds, 1e-9)),
             "dtype": np.dtype(dtype).name, "eod_appended": append_eod, "eod_id": eod, "vocab_size": vocab,
             "tokenizer": os.path.abspath(tokenizer_model), "tokenizer_sha256": sha256_file(tokenizer_model),
+            "tokenizer_id": tokenizer_identity(tokenizer_model),
             "inputs": [os.path.abspath(f) for f in files] if _documents is None else [],
         }
         # Commit: the old .json goes first (without it the old pair no longer counts as complete), then the
@@ -159,7 +161,7 @@ def preprocess(inputs: list[str], tokenizer_model: str, output_prefix: str, work
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="Files or directories: .txt[.gz|.xz], "
                    ".jsonl[.gz|.xz], .json, .parquet.")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model (data_prep/train_tokenizer.py).")

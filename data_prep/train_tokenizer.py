@@ -26,6 +26,34 @@ from wider.files import atomic_write_json, sha256_file
 UNK, BOS, EOS, PAD = 0, 1, 2, 3
 
 
+def _model_proto(data: bytes):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(data)
+    return proto
+
+
+def canonical_model_bytes(data: bytes) -> bytes:
+    """A SentencePiece model without where it was trained: SentencePiece stores the training output path
+    (trainer_spec.model_prefix, an absolute temporary path here) and the input files in the model, so the same
+    corpus trained in two checkouts would give two files. Those fields change nothing in how text is encoded."""
+    proto = _model_proto(data)
+    proto.trainer_spec.model_prefix = ""
+    del proto.trainer_spec.input[:]
+    return proto.SerializeToString(deterministic=True)
+
+
+def tokenizer_identity(path: str) -> str:
+    """A tokenizer's identity is its content: pieces, scores and types, the normaliser and every encoding setting,
+    not the file's bytes (SHA-256 of canonical_model_bytes). Checkpoints and datasets record it, so a run directory
+    or dataset made in one checkout is recognised in another."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(canonical_model_bytes(f.read())).hexdigest()
+
+
 def _sentences(docs: Iterator[str], max_len: int, progress) -> Iterator[str]:
     """Documents split into lines, and lines longer than SentencePiece's max_sentence_length into pieces
     (at spaces where possible), so that nothing is silently skipped."""
@@ -59,8 +87,8 @@ def train_tokenizer(inputs: list[str], output_prefix: str, vocab_size: int = 800
     symbols = [s for s in (user_defined_symbols or []) if s]
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    # A fixed scratch name: SentencePiece records its model_prefix inside the model, so a random name would
-    # make two identical trainings differ byte-wise.
+    # SentencePiece records its model_prefix inside the model; canonical_model_bytes removes it below, so the same
+    # inputs give the same file wherever they are trained.
     tmp = os.path.join(out_dir, f".{os.path.basename(output_prefix)}.tokenizer-partial")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -81,11 +109,17 @@ def train_tokenizer(inputs: list[str], output_prefix: str, vocab_size: int = 800
                                 f"{len(files)} file(s): {e}. A smaller --vocab-size or more text may help") from None
         finally:
             bar.close()
+        model_file = os.path.join(tmp, "tok.model")
+        with open(model_file, "rb") as f:
+            canonical = canonical_model_bytes(f.read())
+        with open(model_file, "wb") as f:  # in the temporary directory: committed below
+            f.write(canonical)
         meta = {
             "vocab_size": vocab_size, "model_type": model_type, "unk_id": UNK, "bos_id": BOS, "eod_id": EOS,
             "pad_id": PAD, "byte_fallback": byte_fallback, "user_defined_symbols": symbols,
             "character_coverage": character_coverage, "seed": seed, "sources": [os.path.abspath(f) for f in files],
             "model_sha256": sha256_file(os.path.join(tmp, "tok.model")),
+            "tokenizer_id": tokenizer_identity(os.path.join(tmp, "tok.model")),
         }
         atomic_write_json(os.path.join(tmp, "tok.json"), meta)
         if os.path.exists(output_prefix + ".json"):
@@ -100,7 +134,7 @@ def train_tokenizer(inputs: list[str], output_prefix: str, vocab_size: int = 800
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="Files or directories: .txt[.gz|.xz], "
                    ".jsonl[.gz|.xz], .json, .parquet.")
     p.add_argument("--output-prefix", required=True, help="Writes PREFIX.model, PREFIX.vocab, PREFIX.json.")

@@ -1,10 +1,10 @@
 r"""Evaluate a checkpoint: perplexity (the run's validation split, an indexed dataset, raw text / JSONL) and
 zero-shot tasks (LAMBADA, BLiMP, PIQA, HellaSwag, ARC-Easy, CBT) from local files. One process, CPU or GPU.
 
-CPU (after ./run.sh, which trains runs/default):
-    python recipes/evaluate.py perplexity --checkpoint runs/default
-    python recipes/evaluate.py perplexity --checkpoint runs/default --text corpus/held_out.jsonl.gz --json-key text
-    python recipes/evaluate.py tasks --checkpoint runs/default --tasks lambada,blimp,piqa --task-dir data/tasks
+CPU (after ./run.sh, which trains runs/widenet_smoke (the default preset)):
+    python recipes/evaluate.py perplexity --checkpoint runs/widenet_smoke
+    python recipes/evaluate.py perplexity --checkpoint runs/widenet_smoke --text corpus/held_out.jsonl.gz --json-key text
+    python recipes/evaluate.py tasks --checkpoint runs/widenet_smoke --tasks lambada,blimp,piqa --task-dir data/tasks
 GPU (bf16 by default on CUDA), an indexed dataset, a given checkpoint, overlapping windows:
     python recipes/evaluate.py perplexity --checkpoint runs/gpt350m/checkpoints/step_00010000 --device cuda \
         --data-path data/my_text_document --stride 1024 --batch-size 16

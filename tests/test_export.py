@@ -38,12 +38,12 @@ LAYOUTS = {
 
 def _arch_cfg(arch: str, data_args, run_dir, extra=()):
     from wider import cli
-    from wider.recipe import _default_preset
+    from wider.presets import default_for
 
     ds_set = LAYOUTS.get(arch, ["zero_optimization.stage=1"])  # added to the preset's own (capacity etc.)
     argv = [*TINY, *data_args, "--train-iters", "2", "--final-eval-iters", "1", "--run-dir", str(run_dir),
             "--ds-set", *ds_set, *extra]
-    return cli.parse(argv, default_preset=_default_preset(arch), arch=arch)
+    return cli.parse(argv, default_preset=default_for(arch), arch=arch)
 
 
 @pytest.fixture(scope="module")

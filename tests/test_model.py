@@ -58,7 +58,7 @@ def _reference_attention(q, k, v, keep):
 
 
 def test_sdpa_core_attention_matches_reference(single_rank):
-    from wider.models.attention import SDPAttention
+    from wider.models.core_attention import SDPAttention
     from wider.models.gpt import transformer_config
 
     cfg = _cfg()

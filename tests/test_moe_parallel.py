@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -143,6 +144,12 @@ def test_ep2_equals_ep1_and_resumes_with_expert_shards(data_args, reference, tmp
     step 3 and resumed from a checkpoint with one file per expert, it continues identically."""
     full = _run(data_args, tmp_path / "ep2", "--ds-set", "moe.ep_size=2")
     _close(full, reference[0])
+    # ep_size 2 took effect: the engine's MoE layers were built at ep_size 2 (each rank holding 2 of the 4 experts:
+    # complete.json records the layout of the running engine), the reference at ep_size 1.
+    def layout(run_dir):
+        return json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "complete.json").read_text())["ep_size"]
+
+    assert (layout(tmp_path / "ep2"), layout(reference[1])) == (2, 1)
     run = tmp_path / "ep2_resume"
     _run(data_args, run, "--ds-set", "moe.ep_size=2", "--exit-at-iter", "3")
     ckpt = run / "checkpoints" / "step_00000003"

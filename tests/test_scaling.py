@@ -92,10 +92,11 @@ def test_fit_refuses_what_it_cannot_identify():
 def test_recommender_reproduces_table2(flops, n_act, tokens, granularity, loss):
     best = L.optimal(L.PAPER, flops).best
     assert best.granularity == granularity
-    # The paper's N column is "64 x N_act"; its D and N agree with ours within a few percent.
-    assert abs(math.log10(best.N_active / n_act)) < 0.1, best
-    assert abs(math.log10(best.D / tokens)) < 0.1, best
-    assert abs(best.loss - loss) < 0.03, (best.loss, loss)
+    # The paper's N column is "64 x N_act"; its D and N agree with ours within 3% (README), and the table's losses
+    # run 0.011-0.024 above the law's own values at those points (the table rounds up; measured 0.0111-0.0237).
+    assert abs(best.N_active / n_act - 1) < 0.03, best
+    assert abs(best.D / tokens - 1) < 0.03, best
+    assert 0.010 <= loss - best.loss <= 0.025, (best.loss, loss)
     # The allocation spends exactly the budget.
     assert best.D * L.flops_per_token(best.d_model, 64, best.granularity) == pytest.approx(flops, rel=1e-9)
 

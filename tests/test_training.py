@@ -5,7 +5,9 @@ Runs are shared between tests (session fixtures) because each launch costs secon
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, TINY, child_env, explain, launch_cmd, run_recipe, train_losses
+from conftest import PY, REPO, TINY, child_env, explain, free_port, launch_cmd, run_recipe, train_losses
 
 STEPS = 6
 
@@ -113,23 +115,37 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
     raise TimeoutError(f"step {step} not reached")
 
 
-def test_sigterm_to_launcher_saves_exits_zero_and_resumes_equal(data_args, tmp_path):
+def _no_rank_left(run_dir: Path) -> list:
+    """Processes still running with this run directory on their command line (orphaned ranks or launchers)."""
+    left = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if str(run_dir) in " ".join(p.info["cmdline"] or []):
+                left.append(p.pid)
+    return left
+
+
+def test_ctrl_c_to_wider_launch_saves_returns_zero_after_the_checkpoint_and_resumes_equal(data_args, tmp_path):
+    """What a terminal's Ctrl-C (SIGINT to the process group of the command) or a scheduler does to ./run.sh's
+    launcher: the ranks save at the next step boundary, the command returns 0 only once the checkpoint is complete,
+    no traceback, no process left behind; the resumed run continues exactly as an uninterrupted one."""
     long = 400  # a schedule long enough that the signal lands mid-run
     run_dir = tmp_path / "run"
     args = _args(data_args, run_dir, "--train-iters", str(long), "--log-interval", "1")
-    proc = subprocess.Popen(launch_cmd(args, ranks=2), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [PY, "-m", "wider.launch", "--num_gpus", "2", "--master_port", str(free_port()), "recipes/pretrain_gpt.py",
+           *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     _wait_for_step(run_dir, 3, proc)
-    launcher = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                if "deepspeed.launcher.launch" in " ".join(c.cmdline())]
-    assert launcher, "deepspeed.launcher.launch process not found"
-    launcher[0].send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    os.killpg(proc.pid, signal.SIGINT)  # the whole foreground group, as a terminal does
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
     assert "saving a checkpoint at the next step boundary" in out, out[-3000:]
     assert "stopped at step" in out and "preempted" in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     done = [p for p in (run_dir / "checkpoints").iterdir() if (p / "complete.json").exists()]
-    assert len(done) == 1
+    assert len(done) == 1  # complete when the command returned
+    assert _no_rank_left(run_dir) == []
     k = json.loads((done[0] / "complete.json").read_text())["step"]
     assert 3 <= k < long
 
@@ -141,17 +157,55 @@ def test_sigterm_to_launcher_saves_exits_zero_and_resumes_equal(data_args, tmp_p
     _assert_same(train_losses(run_dir), train_losses(ref_dir), range(1, k + 4))
 
 
-def test_sigkill_of_a_rank_during_save_keeps_previous_checkpoint(data_args, two_ranks, tmp_path):
+def test_sigterm_to_a_plain_deepspeed_launchs_rank_exits_zero(data_args, tmp_path):
+    """Without wider-launch: a scheduler's SIGTERM to the rank of a `deepspeed` launch saves, and DeepSpeed's runner
+    and launcher pass the rank's 0 on."""
+    run_dir = tmp_path / "run"
+    args = _args(data_args, run_dir, "--train-iters", "400", "--log-interval", "1")
+    proc = subprocess.Popen(launch_cmd(args, ranks=2), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(run_dir, 2, proc)
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
+             if "pretrain_gpt.py" in " ".join(c.cmdline()) and "deepspeed.launcher" not in " ".join(c.cmdline())]
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGTERM)  # any subset of ranks: they agree on the flag
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped at step" in out and _no_rank_left(run_dir) == []
+
+
+def test_kill_inside_the_checkpoint_writer_keeps_the_previous_checkpoint(data_args, two_ranks, tmp_path):
+    """A rank killed halfway through writing its ZeRO shard (inside DeepSpeed's writer): that checkpoint is never
+    marked complete, --resume auto continues from the previous one with the uninterrupted losses, and metrics.jsonl
+    holds each step once although the killed run had logged steps past that checkpoint."""
     run_dir = tmp_path / "run"
     args = _args(data_args, run_dir, "--save-interval", "2", "--keep-checkpoints", "0",
                  "--ds-config", "ds_configs/cpu_zero2.json")
-    p = run_recipe(args, ranks=2, env={"WIDER_FAULT_KILL_IN_SAVE": "4:1"}, timeout=300)
+    p = run_recipe(args, ranks=2, env={"WIDER_FAULT_IN_SAVE": "4:1:kill"}, timeout=300)
     assert p.returncode != 0, "the run survived a killed rank"
     states = {c.name: (c / "complete.json").exists() for c in (run_dir / "checkpoints").iterdir()
               if c.name.startswith("step_")}
     assert states == {"step_00000002": True, "step_00000004": False}, states
+    assert max(train_losses(run_dir)) == 4  # logged before the save
     p = run_recipe([*args, "--resume", "auto"], ranks=2)
     assert p.returncode == 0, explain(p)
     assert "resumed from" in p.stdout and "step_00000002" in p.stdout
-    # the same run as `two_ranks` (same data, model, schedule, ZeRO-2): identical losses after resuming
     _assert_same(train_losses(run_dir), train_losses(two_ranks), range(3, STEPS + 1))
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def test_full_disk_during_a_save_stops_with_its_reason_and_keeps_the_previous_checkpoint(data_args, tmp_path):
+    """A write that fails as on a full disk (ENOSPC inside DeepSpeed's writer, halfway through a file): one message
+    saying so, exit 1, the partial checkpoint removed, the previous one intact and resumable."""
+    run_dir = tmp_path / "run"
+    args = _args(data_args, run_dir, "--save-interval", "2", "--keep-checkpoints", "0")
+    p = run_recipe(args, env={"WIDER_FAULT_IN_SAVE": "4:0:enospc"}, timeout=300)
+    assert p.returncode == 1, explain(p)
+    assert "no space left on the device" in p.stderr and "step_00000002 is intact" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "iostream" not in p.stderr
+    assert sorted(c.name for c in (run_dir / "checkpoints").iterdir() if c.name.startswith("step_")) == \
+        ["step_00000002"]
+    p = run_recipe([*args, "--resume", "auto"])
+    assert p.returncode == 0 and "resumed from" in p.stdout, explain(p)

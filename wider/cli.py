@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from typing import Optional, Sequence
 
@@ -36,7 +37,7 @@ def _parse_value(kind, text: str):
 
 def build_parser(description: str, default_preset: str) -> argparse.ArgumentParser:
     epilog = "presets:\n" + "\n".join(f"  {n:<16} {d}" for n, d in presets.describe())
-    p = argparse.ArgumentParser(description=description, epilog=epilog,
+    p = argparse.ArgumentParser(allow_abbrev=False, description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=default_preset, help=f"Named preset (default {default_preset}); see below.")
     p.add_argument("--config", default=None, help="A resolved config JSON (e.g. RUN_DIR/config.json) to start "
@@ -106,8 +107,24 @@ def parse(argv: Optional[Sequence[str]] = None, description: str = "", default_p
                               f"{arch!r}; use the recipe for {cfg.model.arch!r} or another preset")
         validate(cfg)
     except (ConfigError, OSError, json.JSONDecodeError) as e:
-        parser.exit(2, f"error: {e}\n")
+        parser.exit(2, f"error: {with_flags(str(e))}\n")
     return cfg
+
+
+_FIELD = re.compile(r"\b(model|data|train)\.([a-z_]+)\b")
+
+
+def with_flags(message: str) -> str:
+    """A config error with the command-line flag of every field it names, when it does not name one itself:
+    "train.warmup_iters 30 exceeds train_iters 20" -> "... (flags: --warmup-iters, --train-iters)"."""
+    fields = dict.fromkeys(m.group(2) for m in _FIELD.finditer(message))
+    fields.update(dict.fromkeys(f for f in re.findall(r"\b([a-z]+_[a-z_]+)\b", message) if f in _all_fields()))
+    flags = [_flag(f) for f in fields if f in _all_fields() and _flag(f) not in message]
+    return f"{message} (flags: {', '.join(flags)})" if flags else message
+
+
+def _all_fields() -> set:
+    return {f.name for sec in RunConfig().sections().values() for f in dataclasses.fields(sec)}
 
 
 def add_model_arguments(group, dtypes=("auto", "fp32", "bf16")) -> None:

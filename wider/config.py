@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -132,6 +133,27 @@ class DataConfig:
     eod_mask_loss: bool = _f(False, "Do not train on predicting the token after an end-of-document.")
     index_cache: Optional[str] = _f(None, "Directory for megatron's cached sample indices; None = "
                                           "<run_dir>/../.index_cache.")
+    base_dir: Optional[str] = _f(None, "Directory that relative data_path / tokenizer paths are resolved against when "
+                                       "they do not exist from the working directory; None = the working directory. A "
+                                       "run records where it was launched here (RUN_DIR/config.json), so evaluation, "
+                                       "export and resume work from any directory.")
+
+    def locate(self, path: str) -> str:
+        """A data path of this config: as given when it exists from here (absolute, or relative to the working
+        directory), else relative to base_dir when it exists there, else as given (the caller reports it missing)."""
+        if os.path.exists(path) or os.path.exists(path + ".bin") or os.path.isabs(path) or not self.base_dir:
+            return path
+        there = os.path.join(self.base_dir, path)
+        return there if os.path.exists(there) or os.path.exists(there + ".bin") else path
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.locate(self.tokenizer)
+
+    def prefixes(self) -> tuple[list, Optional[list]]:
+        """(located dataset prefixes, blend weights or None) of data_path."""
+        prefixes, weights = parse_blend(self.data_path)
+        return [self.locate(p) for p in prefixes], weights
 
 
 @dataclass

@@ -18,7 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from wider.config import ConfigError, ModelConfig, RunConfig, parse_blend, parse_split
+from data_prep.train_tokenizer import tokenizer_identity
+from wider.config import ConfigError, ModelConfig, RunConfig, parse_split
 from wider.files import sha256_file
 
 # What `python -m wider.info` assumes when neither model.vocab_size nor the tokenizer file is there (it says so).
@@ -48,11 +49,11 @@ def planning_vocab_size(cfg: RunConfig) -> tuple[int, str]:
     tokenizer file's size when the file exists, else PLANNING_VOCAB (stated as an assumption)."""
     if cfg.model.vocab_size is not None:
         return model_vocab_size(cfg.model, None), "model.vocab_size"
-    if os.path.isfile(cfg.data.tokenizer):
+    if os.path.isfile(cfg.data.tokenizer_path):
         import sentencepiece as spm
 
-        pieces = spm.SentencePieceProcessor(model_file=cfg.data.tokenizer).GetPieceSize()
-        return model_vocab_size(cfg.model, pieces), cfg.data.tokenizer
+        pieces = spm.SentencePieceProcessor(model_file=cfg.data.tokenizer_path).GetPieceSize()
+        return model_vocab_size(cfg.model, pieces), cfg.data.tokenizer_path
     return PLANNING_VOCAB, f"default {PLANNING_VOCAB} (tokenizer not found)"
 
 
@@ -65,7 +66,7 @@ class SentencePieceTokenizer:
         if not os.path.isfile(path):
             raise DataError(f"tokenizer {path!r} does not exist; train one with "
                             "`python data_prep/train_tokenizer.py --input ... --output-prefix PREFIX` "
-                            "(or run ./run.sh once for the embedded corpus)")
+                            "(for the embedded corpus: ./run.sh prepare)")
         self.path = path
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -78,9 +79,26 @@ class SentencePieceTokenizer:
             raise DataError(f"tokenizer {path!r} has no end-of-sequence piece, which marks document ends; "
                             "retrain it with data_prep/train_tokenizer.py")
         self.pad = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
-        self.sha256 = sha256_file(path)
+        self.sha256 = sha256_file(path)  # the file's bytes: what checkpoints of earlier versions recorded
+        try:
+            self.identity = tokenizer_identity(path)  # its content (data_prep.train_tokenizer.tokenizer_identity)
+        except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError for a damaged file
+            raise DataError(f"tokenizer {path!r} cannot be parsed as a SentencePiece model ({e})") from None
         # megatron hashes the dataset description (tokenizer included) to name its cached indices.
-        self.unique_identifiers = {"class": "SentencePieceTokenizer", "sha256": self.sha256}
+        self.unique_identifiers = {"class": "SentencePieceTokenizer", "identity": self.identity}
+
+    def record(self) -> dict:
+        """What a checkpoint, release or dataset records of the tokenizer it was made with."""
+        return {"tokenizer_id": self.identity, "tokenizer_sha256": self.sha256}
+
+    def matches(self, recorded: dict) -> bool:
+        """Whether this is the tokenizer `recorded` (a record()) names: by content where the record has it, else
+        by the file's bytes (records of earlier versions); a record with neither matches anything."""
+        if recorded.get("tokenizer_id"):
+            return recorded["tokenizer_id"] == self.identity
+        if recorded.get("tokenizer_sha256"):
+            return recorded["tokenizer_sha256"] == self.sha256
+        return True
 
     def tokenize(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text)
@@ -89,23 +107,59 @@ class SentencePieceTokenizer:
         return self.sp.DecodeIds([int(i) for i in ids])
 
 
+# megatron-core's .idx layout (megatron/core/datasets/indexed_dataset.py, _IndexWriter / _IndexReader): a 9-byte
+# header, version 1 (uint64), the dtype code (uint8, DType), sequence and document counts (uint64 each), then the
+# sequence lengths (int32), the sequence pointers (int64, byte offsets into .bin) and the document indices.
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_INDEX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+                 8: np.uint16}
+
+
+@dataclass
+class IndexSummary:
+    dtype: type
+    lengths: np.ndarray  # tokens per sequence
+    pointers: np.ndarray  # byte offset of each sequence in .bin
+
+
+def read_index(prefix: str) -> IndexSummary:
+    """The header, lengths and pointers of PREFIX.idx, read without megatron-core: the pre-flight check must not
+    pay seconds of megatron's import before a rank starts. megatron's own reader opens the same files in the run
+    (and tests/test_data_prep.py reads our datasets back with it). Raises ValueError for a file in another format."""
+    import struct
+
+    path = prefix + ".idx"
+    with open(path, "rb") as f:
+        head = f.read(34)
+    if len(head) < 34 or head[:9] != _INDEX_HEADER:
+        raise ValueError("no megatron-core index header")
+    version, code, sequences, _documents = struct.unpack("<QBQQ", head[9:34])
+    if version != 1 or code not in _INDEX_DTYPES:
+        raise ValueError(f"index version {version} / dtype code {code} unknown")
+    raw = np.memmap(path, mode="r", dtype=np.uint8)
+    if len(raw) < 34 + sequences * 12:
+        raise ValueError(f"{len(raw)} bytes cannot hold {sequences} sequences")
+    lengths = np.frombuffer(raw, dtype=np.int32, count=sequences, offset=34)
+    pointers = np.frombuffer(raw, dtype=np.int64, count=sequences, offset=34 + lengths.nbytes)
+    return IndexSummary(dtype=_INDEX_DTYPES[code], lengths=lengths, pointers=pointers)
+
+
 def check_indexed_dataset(prefix: str, tokenizer: SentencePieceTokenizer) -> int:
     """Fail early and clearly on a missing, truncated or foreign dataset. Returns its token count."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     fix = ("build it with `python data_prep/preprocess_data.py --input ... --tokenizer "
            f"{tokenizer.path} --output-prefix {prefix}`")
+    if os.path.basename(prefix) == "kjv_text_document":  # the embedded corpus of the default presets
+        fix = "prepare the embedded corpus with ./run.sh prepare (about 10 s)"
     for ext in (".bin", ".idx"):
         if not os.path.isfile(prefix + ext):
             raise DataError(f"dataset file {prefix + ext!r} does not exist; {fix}")
     try:
-        ds = IndexedDataset(prefix, mmap=True)
-    except Exception as e:
+        index = read_index(prefix)
+    except (OSError, ValueError) as e:
         raise DataError(f"dataset index {prefix + '.idx'!r} is damaged or not a megatron-core index ({e}); "
                         f"{fix}") from None
-    lengths = ds.index.sequence_lengths
-    pointers = ds.index.sequence_pointers
-    itemsize = np.dtype(ds.index.dtype).itemsize
+    lengths, pointers = index.lengths, index.pointers
+    itemsize = np.dtype(index.dtype).itemsize
     expected = int(pointers[-1]) + int(lengths[-1]) * itemsize if len(lengths) else 0
     actual = os.path.getsize(prefix + ".bin")
     if actual != expected:
@@ -115,15 +169,14 @@ def check_indexed_dataset(prefix: str, tokenizer: SentencePieceTokenizer) -> int
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
-        sha = meta.get("tokenizer_sha256")
-        if sha and sha != tokenizer.sha256:
-            raise DataError(f"dataset {prefix!r} was tokenized with {meta.get('tokenizer', 'another tokenizer')} "
-                            f"(sha256 {sha[:12]}...), not with {tokenizer.path} ({tokenizer.sha256[:12]}...); "
-                            f"use the matching --tokenizer or re-tokenize: {fix}")
+        if not tokenizer.matches(meta):
+            raise DataError(f"dataset {prefix!r} was tokenized with {meta.get('tokenizer', 'another tokenizer')}, "
+                            f"whose pieces differ from {tokenizer.path}'s; use the matching --tokenizer or re-tokenize: "
+                            f"{fix}")
     # A cheap guard that also covers datasets without metadata: the largest id among the first 4M tokens.
     n = int(lengths.sum())
     if n:
-        top = int(np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r", shape=(min(n, 1 << 22),)).max())
+        top = int(np.memmap(prefix + ".bin", dtype=index.dtype, mode="r", shape=(min(n, 1 << 22),)).max())
         if top >= tokenizer.vocab_size:
             raise DataError(f"dataset {prefix!r} holds token id {top}, but tokenizer {tokenizer.path} has only "
                             f"{tokenizer.vocab_size} pieces: it was made with another tokenizer; {fix}")
@@ -136,19 +189,13 @@ def unigram_entropy(prefixes: list[str]) -> tuple[float, int]:
     counts = np.zeros(0, dtype=np.int64)
     total = 0
     for prefix in prefixes:
-        c = np.bincount(np.memmap(prefix + ".bin", dtype=_dtype_of(prefix), mode="r"))
+        c = np.bincount(np.memmap(prefix + ".bin", dtype=read_index(prefix).dtype, mode="r"))
         if len(c) > len(counts):
             counts = np.pad(counts, (0, len(c) - len(counts)))
         counts[: len(c)] += c
         total += int(c.sum())
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum()), total
-
-
-def _dtype_of(prefix: str):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    return IndexedDataset(prefix, mmap=True).index.dtype
 
 
 @dataclass
@@ -165,7 +212,7 @@ def build_datasets(cfg: RunConfig, tokenizer: SentencePieceTokenizer, train_samp
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     d, m = cfg.data, cfg.model
-    prefixes, weights = parse_blend(d.data_path)
+    prefixes, weights = d.prefixes()
     for p in prefixes:
         check_indexed_dataset(p, tokenizer)
     split = ",".join(str(x) for x in parse_split(d.split))

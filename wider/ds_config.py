@@ -75,7 +75,17 @@ def load(path: str) -> dict:
     return d
 
 
+# Blocks DeepSpeed reads as objects: a scalar there (--ds-set fp16=true) is refused here, not inside DeepSpeed.
+OBJECT_BLOCKS = ("fp16", "bf16", "amp", "zero_optimization", "moe", "activation_checkpointing", "flops_profiler",
+                 "tensorboard", "wandb", "csv_monitor", "comms_logger", "data_types", "checkpoint", "aio",
+                 "compile", "expert_parallel")
+
+
 def check(d: dict, path: str) -> None:
+    for block in OBJECT_BLOCKS:
+        if block in d and not isinstance(d[block], dict):
+            raise ConfigError(f"ds_config {path!r}: {block!r} must be an object, got {d[block]!r}; e.g. "
+                              f"--ds-set {block}.enabled=true, or {{\"{block}\": {{...}}}} in the JSON")
     for key in d:
         if key in KNOWN_KEYS:
             continue
@@ -99,9 +109,6 @@ def check(d: dict, path: str) -> None:
     if d.get("fp16", {}).get("enabled", False):
         raise ConfigError(f"ds_config {path!r} enables fp16; wider trains in bf16 on GPU and fp32 on CPU: "
                           "set \"bf16\": {\"enabled\": true} or remove the fp16 block")
-    for block in ("bf16", "zero_optimization", "moe"):
-        if block in d and not isinstance(d[block], dict):
-            raise ConfigError(f"ds_config {path!r}: {block!r} must be an object, got {d[block]!r}")
     if "expert_parallel" in d:
         ep = d["expert_parallel"].get("ep_size") if isinstance(d["expert_parallel"], dict) else None
         raise ConfigError(f"ds_config {path!r} has DeepSpeed's own 'expert_parallel' (AutoEP) block"
@@ -142,8 +149,9 @@ def apply_overrides(d: dict, items: list, path: str) -> dict:
     return d
 
 
-def build(cfg: RunConfig, dp: int, path: Optional[str] = None) -> dict:
-    """The complete DeepSpeed dict for a run with data-parallel size dp."""
+def build(cfg: RunConfig, dp: Optional[int], path: Optional[str] = None) -> dict:
+    """The complete DeepSpeed dict for a run with data-parallel size dp. dp None (a launch whose size only the hosts
+    know): everything but the checks and keys that need it."""
     t, m = cfg.train, cfg.model
     path = resolve_path(path or t.ds_config, moe=m.num_experts > 0)
     d = apply_overrides(load(path), t.ds_set, path)
@@ -155,6 +163,8 @@ def build(cfg: RunConfig, dp: int, path: Optional[str] = None) -> dict:
             moe_settings(d, path).check_layout(m.num_experts, m.moe_top_k, dp, f"ds_config {path!r}")
         except MoESettingsError as e:
             raise ConfigError(str(e)) from None
+    if dp is None:
+        return d
     gas, rem = divmod(t.global_batch_size, t.micro_batch_size * dp)
     if rem or gas < 1:
         raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size "
@@ -166,6 +176,9 @@ def build(cfg: RunConfig, dp: int, path: Optional[str] = None) -> dict:
              "gradient_accumulation_steps": "--global-batch-size / (--micro-batch-size x data-parallel size)",
              "gradient_clipping": "--clip-grad"}
     for key in DERIVED:
+        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], (int, float))):
+            raise ConfigError(f"ds_config {path!r}: {key} must be a number, got {d[key]!r}; better remove it: wider "
+                              f"derives it from the run config ({flags[key]})")
         if key in d and float(d[key]) != float(ours[key]):
             raise ConfigError(f"ds_config {path!r} sets {key} = {d[key]} but the run config gives {ours[key]} "
                               f"({flags[key]}); remove {key} from the JSON (wider derives it) or make them agree")

@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
+    from wider.recipe import quiet_libraries
+
+    quiet_libraries()  # nothing but the answer on stdout (--json | jq)
     from wider import cli
 
     argv = list(sys.argv[1:] if argv is None else argv)

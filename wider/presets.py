@@ -37,6 +37,11 @@ def get(name: str) -> RunConfig:
     return PRESETS[name]()
 
 
+def default_for(arch: str) -> str:
+    """The preset a recipe trains when --preset is not given."""
+    return {"gpt": "gpt_smoke", "gpt_moe": "switch_smoke"}.get(arch, f"{arch}_smoke")
+
+
 def describe() -> list[tuple[str, str]]:
     return [(n, (f.__doc__ or "").strip().splitlines()[0]) for n, f in PRESETS.items()]
 
@@ -59,7 +64,7 @@ def gpt_smoke() -> RunConfig:
         cfg,
         model=dict(num_layers=4, hidden_size=128, num_attention_heads=4, seq_length=128, tie_embeddings=True),
         train=dict(micro_batch_size=16, global_batch_size=32, train_iters=400, lr=3e-3, min_lr=3e-4,
-                   warmup_iters=30, weight_decay=0.1, eval_interval=200, eval_iters=4, log_interval=20),
+                   warmup_iters=30, weight_decay=0.1, eval_interval=50, eval_iters=4, log_interval=20),
     )
 
 
@@ -106,7 +111,7 @@ def widenet_smoke() -> RunConfig:
         cfg,
         model=dict(arch="widenet", num_experts=4, moe_top_k=2, moe_ffn_hidden_size=512, router_noise="inverse_experts",
                    router_renormalize=False),
-        train=dict(ds_config="auto", ds_set=list(WIDENET_MOE), train_iters=300, eval_interval=150),
+        train=dict(ds_config="auto", ds_set=list(WIDENET_MOE), train_iters=300, eval_interval=50),
     )
 
 

@@ -41,7 +41,8 @@ def load_for_inference(path: str, device="cpu", dtype=None) -> LoadedModel:
     import torch
 
     from wider.checkpoint.native import moe_block
-    from wider.checkpoint.rebuild import build_for_config, load_tensors, run_config_of, tokenizer_for
+    from wider.checkpoint.rebuild import (build_for_config, load_tensors, run_config_of, run_tokenizer_candidates,
+                                          tokenizer_for)
     from wider.data import model_vocab_size
     from wider.devices import resolve_device, resolve_dtype
 
@@ -56,12 +57,12 @@ def load_for_inference(path: str, device="cpu", dtype=None) -> LoadedModel:
 
         rel = read_release(where)
         cfg, moe, step = rel["config"], rel["moe"], rel["meta"].get("step")
-        tok = tokenizer_for(cfg.data.tokenizer, rel["meta"].get("tokenizer_sha256"), f"release {where!r}")
+        tok = tokenizer_for([cfg.data.tokenizer], rel["meta"], f"release {where!r}")
         tensors = load_file(os.path.join(where, RELEASE_WEIGHTS))
     else:
         info = inspect(where)
         cfg = run_config_of(info)
-        tok = tokenizer_for(cfg.data.tokenizer, info.client.get("tokenizer_sha256"), f"checkpoint {where!r}")
+        tok = tokenizer_for(run_tokenizer_candidates(where, cfg), info.client, f"checkpoint {where!r}")
         moe, step = moe_block(info, ep_size=1), info.step
         tensors = consolidate(where, info=info).weights
     vocab = model_vocab_size(cfg.model, tok.vocab_size)

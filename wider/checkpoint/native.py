@@ -403,7 +403,7 @@ def vocab_size_of(info: NativeInfo, cfg) -> int:
     embedding is padded, so it cannot tell)."""
     from wider.data import SentencePieceTokenizer, model_vocab_size
 
-    return model_vocab_size(cfg.model, None if cfg.model.vocab_size else SentencePieceTokenizer(cfg.data.tokenizer).vocab_size)
+    return model_vocab_size(cfg.model, None if cfg.model.vocab_size else SentencePieceTokenizer(cfg.data.tokenizer_path).vocab_size)
 
 
 def _bar(items, enabled: bool, desc: str):

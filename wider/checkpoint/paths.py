@@ -26,6 +26,7 @@ ZERO_FILE = "{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 EXPP_FILE = "expp_rank_{rank}_mp_rank_00_optim_states.pt"
 RNG_FILE = "rng_rank{rank:05d}.pt"
 TAG_RE = re.compile(r"^step_(\d{8})$")
+RUN_TOKENIZER = "tokenizer.model"  # RUN_DIR's copy of the tokenizer (with tokenizer.json beside it when it had one)
 
 RELEASE_WEIGHTS = "model.safetensors"
 RELEASE_CONFIG = "config.json"
@@ -61,6 +62,17 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str, bool]]:
             path = os.path.join(root, name)
             out.append((int(m.group(1)), path, os.path.isfile(os.path.join(path, MARKER))))
     return sorted(out)
+
+
+def step_of(path: str) -> int:
+    """The step of a checkpoint directory step_XXXXXXXX (its complete.json's, for a directory named otherwise)."""
+    m = TAG_RE.match(os.path.basename(os.path.normpath(path)))
+    if m:
+        return int(m.group(1))
+    import json
+
+    with open(os.path.join(path, MARKER)) as f:
+        return int(json.load(f)["step"])
 
 
 def latest_complete(run_dir: str) -> Optional[str]:

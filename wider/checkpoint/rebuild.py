@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import torch
 
@@ -107,15 +106,33 @@ def run_config_of(info):
     return RunConfig.from_dict(d)
 
 
-def tokenizer_for(path: str, expected_sha256: Optional[str], source: str):
-    """The run's SentencePiece tokenizer, checked against the hash the checkpoint recorded."""
+def tokenizer_for(candidates: list, recorded: dict, source: str):
+    """The run's SentencePiece tokenizer: the first of `candidates` (paths, best first: the run directory's own copy,
+    then the path its config names) that opens and is the tokenizer `recorded` names (by content,
+    SentencePieceTokenizer.matches), so a run directory works wherever it is copied to."""
     from wider.data import DataError, SentencePieceTokenizer
 
-    try:
-        tok = SentencePieceTokenizer(path)
-    except DataError as e:
-        raise CheckpointError(f"{source}: the run's tokenizer cannot be opened: {e}") from None
-    if expected_sha256 and tok.sha256 != expected_sha256:
-        raise CheckpointError(f"{source} was trained with a tokenizer of sha256 {expected_sha256[:12]}..., but "
-                              f"{path} has {tok.sha256[:12]}... (replaced since?); restore the run's tokenizer")
-    return tok
+    problems = []
+    for path in dict.fromkeys(p for p in candidates if p):
+        if not os.path.isfile(path):
+            problems.append(f"{path} does not exist")
+            continue
+        try:
+            tok = SentencePieceTokenizer(path)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        if tok.matches(recorded):
+            return tok
+        problems.append(f"{path} holds another tokenizer (other pieces than the run trained with)")
+    raise CheckpointError(f"{source}: the run's tokenizer was not found ({'; '.join(problems)}); put the tokenizer the "
+                          f"run trained with at {candidates[0]}")
+
+
+def run_tokenizer_candidates(checkpoint_dir: str, cfg) -> list:
+    """Where a checkpoint's tokenizer may be: its run directory's copy (RUN_DIR/tokenizer.model, made at the run's
+    start), then the path the run's config names."""
+    from wider.checkpoint.paths import RUN_TOKENIZER
+
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
+    return [os.path.join(run_dir, RUN_TOKENIZER), cfg.data.tokenizer_path]

@@ -30,8 +30,9 @@ from wider.checkpoint.native import consolidate, inspect, moe_block
 from wider.checkpoint.paths import (RELEASE_CONFIG as CONFIG, RELEASE_METADATA as METADATA,
                                     RELEASE_OPTIMIZER as OPTIMIZER, RELEASE_TOKENIZER as TOKENIZER,
                                     RELEASE_TOKENIZER_META as TOKENIZER_META, RELEASE_TRAINER_STATE as TRAINER_STATE,
-                                    RELEASE_WEIGHTS as WEIGHTS, CheckpointError, resolve)
-from wider.checkpoint.rebuild import build_for_config, load_tensors, run_config_of, tokenizer_for
+                                    RELEASE_WEIGHTS as WEIGHTS, CheckpointError, is_release_dir, resolve)
+from wider.checkpoint.rebuild import (build_for_config, load_tensors, run_config_of, run_tokenizer_candidates,
+                                      tokenizer_for)
 from wider.files import atomic_write_json, atomic_write_text
 
 FORMAT = "wider-release"
@@ -78,12 +79,10 @@ def export(source: str, out_dir: str, dtype: str = "fp32", force: bool = False, 
         raise CheckpointError(f"{source!r} is already a release directory; export takes a run directory or a "
                               "checkpoint directory (load a release with wider.from_pretrained)")
     out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir) and not force:
-        raise CheckpointError(f"output directory {out_dir!r} already exists; choose another --output or pass "
-                              "--force to replace it")
+    check_output(out_dir, ckpt, force)
     info = inspect(ckpt)
     cfg = run_config_of(info)
-    tok = tokenizer_for(cfg.data.tokenizer, info.client.get("tokenizer_sha256"), f"checkpoint {ckpt!r}")
+    tok = tokenizer_for(run_tokenizer_candidates(ckpt, cfg), info.client, f"checkpoint {ckpt!r}")
     moe = moe_block(info, ep_size=1)
     vocab = model_vocab_size(cfg.model, tok.vocab_size)
     log(f"export: {ckpt} (step {info.step}, dp {info.dp}, ep_size {info.ep_size}, ZeRO {info.zero_stage}, "
@@ -115,7 +114,7 @@ def export(source: str, out_dir: str, dtype: str = "fp32", force: bool = False, 
                 "dtype": dtype, "arch": cfg.model.arch, "preset": cfg.preset,
                 "parameters": {"total": counts.total, "active": counts.active, "embedding": counts.embedding,
                                "non_embedding": counts.non_embedding, "stored": stored},
-                "vocab_size": vocab, "tokenizer_sha256": tok.sha256, "trained_layout": info.layout(),
+                "vocab_size": vocab, **tok.record(), "trained_layout": info.layout(),
                 "with_optimizer": with_optimizer, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "versions": _versions()}
         atomic_write_json(os.path.join(tmp, METADATA), meta)
@@ -137,6 +136,27 @@ def export(source: str, out_dir: str, dtype: str = "fp32", force: bool = False, 
     log(f"export: wrote {out_dir} ({_fmt_bytes(os.path.getsize(os.path.join(out_dir, WEIGHTS)))} weights, "
         f"{stored:,} parameters, step {info.step})")
     return out_dir
+
+
+def check_output(out_dir: str, ckpt: str, force: bool) -> None:
+    """Refuse an output that would destroy what the user owns: the checkpoint itself or any directory above it (its
+    run), and, even with --force, anything but a release an earlier export made."""
+    real_out, real_ckpt = os.path.realpath(out_dir), os.path.realpath(ckpt)
+    if os.path.commonpath([real_out, real_ckpt]) == real_out:
+        raise CheckpointError(f"--output {out_dir!r} holds the checkpoint being exported ({ckpt}); writing the release "
+                              "there would replace the run: choose a directory outside it, e.g. releases/NAME")
+    if not os.path.lexists(out_dir):
+        return
+    if not force:
+        raise CheckpointError(f"output directory {out_dir!r} already exists; choose another --output or pass "
+                              "--force to replace it (only a release made by recipes/export.py can be replaced)")
+    if not (os.path.isdir(out_dir) and is_release_dir(out_dir)):
+        raise CheckpointError(f"--force replaces only a release made by recipes/export.py, and {out_dir!r} is not one "
+                              f"(no {METADATA} + {WEIGHTS}); choose another --output")
+    with open(os.path.join(out_dir, METADATA)) as f:
+        if json.load(f).get("format") != FORMAT:
+            raise CheckpointError(f"--force replaces only a wider release, and {out_dir!r} is another format; choose "
+                                  "another --output")
 
 
 def _move_into_place(tmp: str, out_dir: str) -> None:
@@ -197,7 +217,7 @@ def _readme(meta: dict, cfg, moe: Optional[object]) -> str:
         f"- model: {m.num_layers} layers x {m.hidden_size}, {m.num_attention_heads} heads, seq {m.seq_length}, "
         f"vocabulary {meta['vocab_size']}" + (f", {m.num_experts} experts top-{m.moe_top_k}" if m.num_experts else ""),
         f"- config: `{CONFIG}` (the run config and the \"moe\" block{' at ep_size 1' if moe is not None else ''})",
-        f"- tokenizer: `{TOKENIZER}` (sha256 {meta['tokenizer_sha256'][:16]}...)",
+        f"- tokenizer: `{TOKENIZER}` (content id {meta['tokenizer_id'][:16]}...)",
         f"- source: `{meta['source']}`, trained with {json.dumps(meta['trained_layout'])}",
         f"- created {meta['created']} with {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
     ]

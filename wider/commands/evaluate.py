@@ -1,10 +1,10 @@
 """Evaluate a checkpoint: perplexity (the run's validation split, an indexed dataset, raw text / JSONL) and
 zero-shot tasks (LAMBADA, BLiMP, PIQA, HellaSwag, ARC-Easy, CBT) from local files. One process, CPU or GPU.
 
-CPU (after ./run.sh, which trains runs/default):
-    python recipes/evaluate.py perplexity --checkpoint runs/default
-    python recipes/evaluate.py perplexity --checkpoint runs/default --text corpus/held_out.jsonl.gz --json-key text
-    python recipes/evaluate.py tasks --checkpoint runs/default --tasks lambada,blimp,piqa --task-dir data/tasks
+CPU (after ./run.sh, which trains runs/widenet_smoke (the default preset)):
+    python recipes/evaluate.py perplexity --checkpoint runs/widenet_smoke
+    python recipes/evaluate.py perplexity --checkpoint runs/widenet_smoke --text corpus/held_out.jsonl.gz --json-key text
+    python recipes/evaluate.py tasks --checkpoint runs/widenet_smoke --tasks lambada,blimp,piqa --task-dir data/tasks
 GPU (bf16 by default on CUDA), an indexed dataset, a given checkpoint, overlapping windows:
     python recipes/evaluate.py perplexity --checkpoint runs/gpt350m/checkpoints/step_00010000 --device cuda \\
         --data-path data/my_text_document --stride 1024 --batch-size 16
@@ -30,10 +30,10 @@ TASK_LAYOUT = """task files under --task-dir DIR (the public formats; nothing is
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{perplexity,tasks}")
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     g = common.add_argument_group("model")
     from wider.cli import add_model_arguments
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-write", action="store_true", help="print the results only; write no JSON or TensorBoard")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    pp = sub.add_parser("perplexity", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+    pp = sub.add_parser("perplexity", allow_abbrev=False, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
                         help="per-token loss, perplexity (and bits per byte for raw text)",
                         description="Perplexity on the run's own validation split (default: the exact samples "
                                     "of its final evaluation, which this reproduces), an indexed dataset, or raw "
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="validation split: megatron's sample-index cache; default: the run's data.index_cache, "
                           "else RUN_DIR/../.index_cache (the training run's default)")
 
-    tp = sub.add_parser("tasks", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+    tp = sub.add_parser("tasks", allow_abbrev=False, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
                         help="zero-shot tasks from local files", epilog=TASK_LAYOUT,
                         description="Zero-shot tasks as lm-evaluation-harness tasks over local files, run by its "
                                     "evaluator with the `wider` lm-eval model, so the scores are the harness's own "

@@ -14,7 +14,7 @@ import sys
 
 
 def parse_args(argv=None, description: str = __doc__) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True,
                    help="A run directory (its latest complete checkpoint is exported) or one checkpoint directory "
                         "RUN_DIR/checkpoints/step_XXXXXXXX.")

@@ -123,7 +123,7 @@ class WiderLM(LM):
 
     @property
     def tokenizer_name(self) -> str:
-        return f"sentencepiece-{self.loaded.tokenizer.sha256[:16]}"
+        return f"sentencepiece-{self.loaded.tokenizer.identity[:16]}"
 
     @property
     def eot_token_id(self) -> int:

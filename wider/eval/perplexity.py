@@ -154,9 +154,9 @@ def score_validation(scorer: Scorer, index_cache: str, data_parallel: int = 1,
         splits = build_datasets(cfg, scorer.tokenizer, t.train_iters * t.global_batch_size,
                                 t.eval_iters * t.global_batch_size, index_cache)
     except DataError as e:
-        raise DataError(f"{e}\n(the run's validation split comes from data.data_path {prefixes} in its config, "
-                        "relative to the directory the training ran in: run from there, or evaluate another "
-                        "dataset with --data-path / --text)") from None
+        raise DataError(f"{e} (the run's validation split comes from data.data_path {prefixes} in its config, resolved "
+                        f"from here and from where the run was launched, {cfg.data.base_dir}: put the dataset back, or "
+                        "evaluate another dataset with --data-path / --text)") from None
     n = final_eval_samples(cfg, splits)
     ids = range(n if limit is None else min(n, limit))
     groups = [g for r in range(data_parallel) for g in eval_micro_batches(ids, data_parallel, r, scorer.batch_size)]

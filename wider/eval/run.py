@@ -191,6 +191,9 @@ def main(a) -> int:
 
     errors: tuple = (EvalError, DeviceError, DataError, ConfigError)  # CheckpointError is a ConfigError
     try:
+        if a.output_dir and os.path.exists(a.output_dir) and not os.path.isdir(a.output_dir):
+            raise EvalError(f"--output-dir {a.output_dir!r} is a file, not a directory; give a directory (it is "
+                            "created when missing)")
         return perplexity(a) if a.command == "perplexity" else tasks(a)
     except errors as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -22,12 +22,10 @@ ran before (is_causal=True, the flash kernel).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.module import MegatronModule
 
 
 def attend(q_BHSC: torch.Tensor, k_BHLC: torch.Tensor, v_BHLC: torch.Tensor, scale: float,
@@ -49,36 +47,6 @@ def attend(q_BHSC: torch.Tensor, k_BHLC: torch.Tensor, v_BHLC: torch.Tensor, sca
     keep_SL = torch.ones(S, L, dtype=torch.bool, device=q_BHSC.device).tril(L - S)
     return F.scaled_dot_product_attention(q_BHSC, k_BHLC, v_BHLC, attn_mask=keep_SL, dropout_p=dropout_p,
                                           scale=scale, enable_gqa=enable_gqa)
-
-
-class SDPAttention(MegatronModule):
-    """Drop-in for megatron-core's core_attention slot (same constructor and forward signature).
-
-    Under megatron's static inference context (wider.models.gpt.MegatronIncremental) the keys and values
-    arrive from megatron's KV buffers: fewer queries than keys, handled by `attend`. megatron then passes
-    attn_mask_type no_mask, which is only right for one new token; the bottom-right causal mask is right for
-    any number, so the mask type is not read here."""
-
-    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type=None,
-                 cp_comm_type=None, softmax_scale: Optional[float] = None, pg_collection=None, **_unused):
-        super().__init__(config=config)
-        if getattr(config, "context_parallel_size", 1) != 1:
-            raise ValueError("SDPAttention does not support context parallelism; set context_parallel_size=1")
-        self.layer_number = layer_number
-        self.dropout_p = float(config.attention_dropout)
-        head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
-        s, b, h, d = query.shape
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
-        gqa = k.shape[1] != h
-        p = self.dropout_p if self.training else 0.0
-        out = attend(q, k, v, self.softmax_scale, attention_mask, p, gqa)
-        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
 
 class KVSlot:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from wider.config import ModelConfig, RunConfig
-from wider.models.attention import KVCacheForward, SDPAttention, takes_kv_cache
+from wider.models.attention import KVCacheForward, takes_kv_cache
 
 
 def padded_vocab_size(vocab: int, m: ModelConfig, tp: int) -> int:
@@ -75,6 +75,8 @@ def transformer_config(m: ModelConfig, tp: int = 1, bf16: bool = False):
 def gpt_layer_spec(m: ModelConfig):
     """megatron-core's local GPT layer spec with the SDPA core attention."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from wider.models.core_attention import SDPAttention
 
     spec = get_gpt_layer_local_spec(normalization=m.normalization)
     spec.submodules.self_attention.submodules.core_attention = SDPAttention

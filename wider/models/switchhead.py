@@ -69,7 +69,7 @@ from torch import nn
 from wider.models.attention import KVSlot, attend
 from wider.moe import dispatch
 from wider.moe.config import Kernels
-from wider.moe.layer import CallRecord
+from wider.moe.records import CallRecord
 from wider.moe.router import router_entropy, row_normalised_normal_, sigmoid_topk
 
 

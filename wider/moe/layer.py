@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -36,6 +35,7 @@ from torch import nn
 from wider.moe import dispatch
 from wider.moe.config import MoEConfig
 from wider.moe.experts import GroupedExperts, init_expert_weights
+from wider.moe.records import CallRecord
 from wider.moe.router import (SigmoidTopKRouter, SoftmaxTopKRouter, router_entropy, sequence_balance_loss,
                               sequence_entropy_loss, sequence_prob_sums)
 
@@ -43,25 +43,6 @@ _EXPERT_KEY = re.compile(r"^deepspeed_experts\.(\d+)\.(w1|w2)$")
 # DeepSpeed's per-expert key names -> wider's stacked parameters (the checkpoint reader, wider.checkpoint.native,
 # maps expert files with it too).
 STACKED_EXPERT_PARAMS = {"w1": "w1_LDF", "w2": "w2_LFD"}
-
-
-@dataclass
-class CallRecord:
-    """What one call of an MoE layer reports (all but `aux` detached)."""
-
-    aux: torch.Tensor  # weighted aux loss of this call, with grad: added to the LM loss
-    balance: torch.Tensor
-    z: torch.Tensor
-    entropy: torch.Tensor
-    routed_E: torch.Tensor  # assignments the router made per expert (before capacity)
-    kept_E: torch.Tensor  # assignments that reached the expert
-    # Sequence entropy regulariser (sigmoid routers): per-sequence sums of softmax(s), with grad, [B, E]; the
-    # tokens per sequence they sum over; the weight. wider.moe.stats.take pools them over every call of the
-    # layer before taking the entropy (the regulariser is not a sum of per-call terms). None = no regulariser.
-    prob_sums_BE: Optional[torch.Tensor] = None
-    tokens_per_seq: int = 0
-    entropy_weight: float = 0.0
-    router: str = ""  # which router of the layer made the record ("" for an MoE FFN; SwitchHead: "v" or "o")
 
 
 class _Core(nn.Module):

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from wider.moe.layer import CallRecord, MoE
+from wider.moe.layer import MoE
+from wider.moe.records import CallRecord
 from wider.moe.router import sequence_entropy_loss
 
 

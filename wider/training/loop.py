@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,18 +22,18 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from wider import ds_config, parallel
+from wider import ds_config, parallel, preflight
 from wider.checkpoint import store
-from wider.checkpoint.paths import latest_complete
-from wider.config import ConfigError, RunConfig, parse_blend
+from wider.checkpoint.paths import RUN_TOKENIZER, step_of
+from wider.config import RunConfig
 from wider.data import (SentencePieceTokenizer, Splits, build_datasets, eval_micro_batches, final_eval_samples,
-                        micro_batch, model_vocab_size, stack_samples, unigram_entropy, unpack)
-from wider.files import atomic_write_json
-from wider.models import ARCHITECTURES, ParamCount, training_flops_per_token, validate
+                        micro_batch, stack_samples, unigram_entropy, unpack)
+from wider.files import RunDirLock, atomic_path, atomic_write_json
+from wider.models import ARCHITECTURES, ParamCount, training_flops_per_token
 from wider.moe import stats as moe_stats
 from wider.moe.layer import moe_layers
 from wider.optim import learning_rate, make_optimizer, make_scheduler
-from wider.training.metrics import Reporter, fmt_count, peak_memory_gb
+from wider.training.metrics import Reporter, drop_records_after, fmt_count, peak_memory_gb
 from wider.training.preemption import Preemption
 
 
@@ -60,6 +61,7 @@ class Session:
     own_norm: bool  # DeepSpeed reports no gradient norm without ZeRO: the loop computes it
     start_step: int = 0
     final_samples: int = 0
+    lock: Optional[RunDirLock] = None  # rank 0 holds the run directory's lock until the run ends
 
     @property
     def tokens_per_step(self) -> int:
@@ -68,7 +70,7 @@ class Session:
     def client_state(self, step: int) -> dict:
         t = self.cfg.train
         return {"step": step, "consumed_samples": step * t.global_batch_size, "config": self.cfg.to_dict(),
-                "tokenizer_sha256": self.tokenizer.sha256}
+                **self.tokenizer.record()}
 
     def save(self, step: int) -> str:
         t = self.cfg.train
@@ -92,13 +94,20 @@ def set_up(cfg: RunConfig) -> Session:
 
     t, m = cfg.train, cfg.model
     layout = parallel.init_distributed(t.tensor_parallel)
-    validate(cfg, layout.world_size)
+    if cfg.data.base_dir is None:  # recorded in config.json and the checkpoints: relative paths resolve from anywhere
+        cfg.data.base_dir = os.getcwd()
+    # Every input checked on every rank, and the run directory locked, before anything is written.
+    pre, lock = preflight.check_on_every_rank(cfg, layout)
     arch = ARCHITECTURES[m.arch]
-    resume_from = _prepare_run_dir(cfg, layout)
+    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_path)
+    if layout.is_main:
+        _prepare_run_dir(cfg, tokenizer, pre.resume_from)
+    dist.barrier()
     rep = Reporter(t.run_dir, layout.is_main, t.train_iters, cfg.to_json())
+    for note in pre.notes:
+        rep.info(f"[wider] {note}")
 
-    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
-    vocab = model_vocab_size(m, tokenizer.vocab_size)
+    vocab = pre.vocab_size
     ds = ds_config.build(cfg, layout.dp)
     bf16 = ds_config.uses_bf16(ds)
     runtime = _moe_runtime(ds) if m.num_experts else None  # groups before the build: each rank builds its experts
@@ -116,9 +125,9 @@ def set_up(cfg: RunConfig) -> Session:
                             cache_dir)
     s = Session(cfg=cfg, layout=layout, engine=engine, splits=splits, reporter=rep, tokenizer=tokenizer,
                 has_moe=runtime is not None, gas=ds["gradient_accumulation_steps"], flops_per_token=session_fpt,
-                own_norm=ds_config.zero_stage(ds) == 0, final_samples=final_eval_samples(cfg, splits))
-    if resume_from:
-        s.start_step = _resume(s, resume_from)
+                own_norm=ds_config.zero_stage(ds) == 0, final_samples=final_eval_samples(cfg, splits), lock=lock)
+    if pre.resume_from:
+        s.start_step = _resume(s, pre.resume_from)
     return s
 
 
@@ -129,24 +138,21 @@ def _moe_runtime(ds: dict):
     return MoERuntime(settings=settings, groups=parallel.expert_groups(settings.ep_size))
 
 
-def _prepare_run_dir(cfg: RunConfig, layout) -> str | None:
-    """Create the run directory; decide which checkpoint to resume from (None = fresh start)."""
-    t = cfg.train
-    run_dir = t.run_dir
-    resume_from = None
-    if t.resume == "auto":
-        resume_from = latest_complete(run_dir)
-    elif t.resume != "none":
-        resume_from = t.resume
-        if not os.path.isdir(resume_from):
-            raise ConfigError(f"train.resume {resume_from!r} is not a checkpoint directory")
-    elif latest_complete(run_dir):
-        raise ConfigError(f"run_dir {run_dir!r} already holds checkpoints; continue it with --resume auto or "
-                          "start elsewhere with --run-dir")
-    if layout.is_main:
-        atomic_write_json(os.path.join(run_dir, "config.json"), cfg.to_dict())
-    dist.barrier()
-    return resume_from
+def _prepare_run_dir(cfg: RunConfig, tokenizer: SentencePieceTokenizer, resume_from: str | None) -> None:
+    """Rank 0, after every check passed: the resolved config, a copy of the tokenizer (so the run directory works
+    wherever it is copied: wider.checkpoint.rebuild.run_tokenizer_candidates), and metrics.jsonl without the records
+    of steps after the one resumed (a run that died after its last checkpoint had logged them)."""
+    run_dir = cfg.train.run_dir
+    atomic_write_json(os.path.join(run_dir, "config.json"), cfg.to_dict())
+    own = os.path.join(run_dir, RUN_TOKENIZER)
+    if not (os.path.isfile(own) and SentencePieceTokenizer(own).identity == tokenizer.identity):
+        with atomic_path(own) as tmp:
+            shutil.copyfile(tokenizer.path, tmp)
+        meta = os.path.splitext(tokenizer.path)[0] + ".json"  # data_prep/train_tokenizer.py's PREFIX.json
+        if os.path.isfile(meta):
+            with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
+                shutil.copyfile(meta, tmp)
+    drop_records_after(os.path.join(run_dir, "metrics.jsonl"), step_of(resume_from) if resume_from else 0)
 
 
 def _banner(rep: Reporter, cfg: RunConfig, layout, ds: dict, model, counts: ParamCount, fpt: float) -> None:
@@ -171,18 +177,9 @@ def _banner(rep: Reporter, cfg: RunConfig, layout, ds: dict, model, counts: Para
 
 
 def _resume(s: Session, path: str) -> int:
-    """Load the checkpoint into the engine; refuse one trained with another model config. Returns its step."""
+    """Load the checkpoint into the engine (wider.preflight checked that it is intact and fits). Returns its step."""
     client = store.load(s.engine, path)
     step = int(client["step"])
-    saved = client.get("config", {}).get("model")
-    if saved is not None:
-        # Through RunConfig so that fields added to ModelConfig since the checkpoint compare at their defaults.
-        saved, now = RunConfig.from_dict({"model": saved}).to_dict()["model"], s.cfg.to_dict()["model"]
-        differ = sorted(k for k in now if saved.get(k) != now[k])
-        if differ:
-            raise ConfigError(f"checkpoint {path!r} was trained with a different model config (model."
-                              f"{', model.'.join(differ)}); resume with the run's own config (--config "
-                              "RUN_DIR/config.json)")
     s.reporter.info(f"resumed from {path} at step {step}"
                     + (f" ({client['resume_note']})" if client.get("resume_note") else ""))
     return step
@@ -337,6 +334,8 @@ def run(cfg: RunConfig) -> Outcome:
     finally:
         preempt.restore()
         s.reporter.close()
+        if s.lock is not None:
+            s.lock.release()
 
 
 def _train(s: Session, preempt: Preemption) -> Outcome:
@@ -379,7 +378,7 @@ def summarize(s: Session, step: int, final: float, tokens: int, ckpt: str) -> No
     """RUN_DIR/summary.json and the closing lines: the final loss against the corpus's unigram entropy, and where
     everything went."""
     cfg, rep = s.cfg, s.reporter
-    prefixes, _ = parse_blend(cfg.data.data_path)
+    prefixes, _ = cfg.data.prefixes()
     h1, corpus_tokens = unigram_entropy(prefixes)
     run_dir = os.path.abspath(cfg.train.run_dir)
     summary = {"preset": cfg.preset, "steps": step, "final_valid_loss": final, "valid_tokens": tokens,

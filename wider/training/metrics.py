@@ -18,6 +18,20 @@ from typing import Optional
 import torch
 
 
+def drop_records_after(path: str, step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without the records of steps after `step`: a run resumed at `step` logs
+    those steps again, and a script reading the file must see each step once."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        from wider.files import atomic_write_text
+
+        atomic_write_text(path, "".join(kept))
+
+
 def fmt_count(n: float) -> str:
     for unit, div in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
@@ -90,49 +104,39 @@ class Reporter:
                   f"{fmt_count(tokens)} tokens", flush=True)
 
     def moe_scalars(self, step: int, split: str, summaries: dict) -> None:
-        """Per MoE call (block): dropped fraction, router entropy, balance and z-loss, and each expert's share
-        of the routed assignments (per expert only up to 16 experts; min / max share beyond)."""
+        """Per MoE call (block): dropped fraction, router entropy, balance and z-loss, and each expert's share of the
+        routed assignments (per expert only up to 16 experts; min / max share beyond). Tags `train_moe/...` and
+        `valid_moe/...`: TensorBoard sorts groups by name, so these come after `train/` and `valid/` (the losses)."""
         if not self.writer:
             return
+        group = f"{split}_moe"
         for label, s in summaries.items():
             E = len(s.load)
-            values = {f"moe_{split}/{label}/dropped": s.dropped, f"moe_{split}/{label}/router_entropy": s.entropy,
-                      f"moe_{split}/{label}/balance_loss": s.balance, f"moe_{split}/{label}/z_loss": s.z,
-                      f"moe_{split}/{label}/load_max_x_E": max(s.load) * E,
-                      f"moe_{split}/{label}/load_min_x_E": min(s.load) * E}
+            values = {f"{group}/{label}/dropped": s.dropped, f"{group}/{label}/router_entropy": s.entropy,
+                      f"{group}/{label}/balance_loss": s.balance, f"{group}/{label}/z_loss": s.z,
+                      f"{group}/{label}/load_max_x_E": max(s.load) * E,
+                      f"{group}/{label}/load_min_x_E": min(s.load) * E}
             if s.sequence_entropy:  # sigmoid routers (MoEUT): what the entropy regulariser raises
-                values[f"moe_{split}/{label}/sequence_entropy"] = s.sequence_entropy
+                values[f"{group}/{label}/sequence_entropy"] = s.sequence_entropy
             if E <= 16:
-                values.update({f"moe_{split}_load/{label}/expert{e:02d}": v for e, v in enumerate(s.load)})
+                values.update({f"{group}_load/{label}/expert{e:02d}": v for e, v in enumerate(s.load)})
             self.scalars(step, values)
         self.record({"kind": f"moe_{split}", "step": step,
                      **{label: dataclasses.asdict(s) for label, s in summaries.items()}})
 
     def moe_heatmap(self, step: int, summaries: dict) -> None:
-        """Image of expert load, one row per MoE call (block), one column per expert. Colour: load x E, i.e.
-        1 (white) = uniform share; blue = under-used (0 = never chosen); red = over-used (>= 2x its share).
-        Routers with different expert counts (MoEUT: FFN experts and SwitchHead's heads x experts) get one
-        image per count, tagged .../E<count>."""
+        """A figure of expert load: one row per MoE call (block), one column per expert, the colour and (for up to
+        24 x 24 cells) the number each expert's share x E, so 1 = a uniform share, 0 = never chosen, 2 = twice its
+        share; labelled axes and a colour bar. Routers with different expert counts (MoEUT: FFN experts and
+        SwitchHead's heads x experts) get one figure per count, tagged .../E<count>."""
         if not self.writer or not summaries:
             return
         by_size: dict = {}
-        for s in summaries.values():
-            by_size.setdefault(len(s.load), []).append(s.load)
+        for label, s in summaries.items():
+            by_size.setdefault(len(s.load), []).append((label, s.load))
         for E, rows in by_size.items():
             tag = "moe/expert_load_blocks_x_experts" + ("" if len(by_size) == 1 else f"/E{E}")
-            self._heatmap(step, tag, rows)
-
-    def _heatmap(self, step: int, tag: str, rows: list) -> None:
-        import numpy as np
-
-        load = np.array(rows, dtype=np.float64) * len(rows[0])
-        cell = max(4, min(64, 512 // max(load.shape)))  # about 256-512 px on the long side
-        x = np.clip(load, 0.0, 2.0) - 1.0  # [-1, 1]
-        white = np.ones(x.shape + (3,))
-        blue, red = np.array([0.13, 0.4, 0.85]), np.array([0.85, 0.15, 0.1])
-        rgb = np.where((x < 0)[..., None], white + (-x)[..., None] * (blue - 1), white + x[..., None] * (red - 1))
-        img = np.kron(rgb.transpose(2, 0, 1), np.ones((1, cell, cell)))  # [3, blocks*cell, experts*cell]
-        self.writer.add_image(tag, img.astype(np.float32), step)
+            self.writer.add_figure(tag, load_figure(rows, step), step)
 
     def info(self, msg: str) -> None:
         if self.enabled:
@@ -145,3 +149,33 @@ class Reporter:
         if self.jsonl:
             self.jsonl.close()
         sys.stdout.flush()
+
+
+def load_figure(rows: list, step: int):
+    """matplotlib figure of [(label, shares)] (shares summing to 1): share x E per cell on a diverging scale centred
+    on 1 (white), blue under-used, red over-used, clipped at 2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [label for label, _ in rows]
+    load = np.array([shares for _, shares in rows], dtype=np.float64) * len(rows[0][1])
+    n_rows, n_cols = load.shape
+    fig, ax = plt.subplots(figsize=(min(14.0, 2.5 + 0.45 * n_cols), min(10.0, 1.8 + 0.4 * n_rows)), dpi=80)
+    image = ax.imshow(load, cmap="RdBu_r", vmin=0.0, vmax=2.0, aspect="auto", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE call")
+    ax.set_yticks(range(n_rows), labels, fontsize=8)
+    step_x = max(1, n_cols // 16)
+    ax.set_xticks(range(0, n_cols, step_x))
+    ax.set_title(f"expert load x E at step {step} (1 = uniform)")
+    if n_rows * n_cols <= 24 * 24:
+        for r in range(n_rows):
+            for c in range(n_cols):
+                ax.text(c, r, f"{load[r, c]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(load[r, c] - 1.0) > 0.6 else "black")
+    fig.colorbar(image, ax=ax, label="share x E")
+    fig.tight_layout()
+    return fig

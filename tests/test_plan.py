@@ -44,7 +44,7 @@ arch, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 def status():
     with open("/proc/self/status") as f:
         pairs = (line.split(":", 1) for line in f)
-        return {k: int(v.split()[0]) * 1024 for k, v in pairs if k in ("VmRSS", "VmHWM")}
+        return {k: int(v.split()[0]) * 1024 for k, v in pairs if k in ("VmRSS", "VmHWM", "RssFile")}
 
 from wider.recipe import main, quiet_libraries
 quiet_libraries()
@@ -55,7 +55,8 @@ record = {}
 entry = wider.models.ARCHITECTURES[arch]
 
 def build(*args, **kwargs):
-    record["baseline"] = status()["VmRSS"]
+    now = status()
+    record["baseline"], record["file_baseline"] = now["VmRSS"], now["RssFile"]
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS, so import-time transients do not count
@@ -65,7 +66,8 @@ def build(*args, **kwargs):
     return entry.build(*args, **kwargs)
 
 def save(*args, **kwargs):
-    record["peak"] = status()["VmHWM"]
+    now = status()
+    record["peak"], record["file_peak"] = now["VmHWM"], now["RssFile"]
     with open(out, "w") as f:
         json.dump(record, f)
     os._exit(0)
@@ -360,7 +362,9 @@ def test_estimate_within_7_percent_of_measured_training_peak(data_args, tmp_path
         rec = json.loads(out.read_text())
         if not rec["hwm_reset"]:
             pytest.skip("the kernel did not reset VmHWM through /proc/self/clear_refs")
-        measured[name] = rec["peak"] - rec["baseline"]
+        # The plan counts tensors. VmHWM also counts the shared libraries' code pages that the first
+        # backward faults in (file-backed; 25-60 MB, more on a cold page cache), so their growth is taken out.
+        measured[name] = rec["peak"] - rec["baseline"] - (rec["file_peak"] - rec["file_baseline"])
         cfg = _cfg([*MEASURED, *data_args] + (["--recompute", "full"] if name == "full" else []), "widenet_smoke")
         p = plan.build(cfg, 1)
         assert (p["zero_stage"], p["dtype"], p["recompute"]) == (1, "fp32", name)

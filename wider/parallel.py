@@ -8,6 +8,7 @@ DeepSpeed learns the layout through `MegatronMPU`, the small adapter it expects 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass
@@ -115,6 +116,8 @@ def init_distributed(tensor_parallel: int = 1, timeout_s: int = 1800) -> RankLay
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
+        if not cuda:
+            release_shm_buffer_name()
     world = dist.get_world_size()
     if world % tensor_parallel != 0:
         raise ValueError(f"tensor_parallel {tensor_parallel} does not divide the world size {world}; "
@@ -122,6 +125,24 @@ def init_distributed(tensor_parallel: int = 1, timeout_s: int = 1800) -> RankLay
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
     return current_layout()
+
+
+def shm_buffer_path(rank: int) -> str:
+    """The POSIX shared-memory file DeepSpeed 0.19.8's CPU communication op creates for `rank`
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp: SHM_BUFFER_NAME_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>), 66 MB each."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_buffer_name() -> None:
+    """Unlink this rank's shared-memory buffer once every rank has mapped it. DeepSpeed's CPU op never unlinks its
+    buffers (its shared_close is never called), so every CPU run left 66 MB per rank in /dev/shm, which is memory:
+    a few hundred test launches filled it and the kernel began killing runs. The mappings stay valid after the
+    unlink (POSIX shared memory lives until its last mapping goes), so the collective keeps working, and the memory
+    is returned when the processes end, however they end. The barrier: a peer still opening the file must find it."""
+    dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shm_buffer_path(dist.get_rank()))
 
 
 def current_layout() -> RankLayout:

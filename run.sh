@@ -6,7 +6,8 @@
 #   ./run.sh test [pytest args]  run the test suite (what CI runs)
 #   ./run.sh tensorboard         serve runs/ on port 6006 (WIDER_TB_PORT to change)
 #   ./run.sh info PRESET         parameters, FLOPs and tokens per step of a preset
-#   ./run.sh prepare             set up and prepare the embedded corpus only (cache/embedded/, about 10 s)
+#   ./run.sh prepare [TASK]      set up and prepare the embedded data only (the corpus: cache/embedded/, about 10 s;
+#                                TASK masked_lm / classification: cache/embedded_mlm/, image_classification: digits)
 #   ./run.sh --help              this text and the presets
 #
 # Environment: WIDER_PYTHON (interpreter for the venv, default python3.11 or python3), WIDER_CPU_RANKS (CPU
@@ -74,19 +75,20 @@ usage() {
 for n, d in describe(): print(f'  {n:<16} {d}')"
 }
 
-prepare_embedded() {
-  "$PY" -W ignore data_prep/prepare_embedded.py --out-dir cache/embedded
+prepare_embedded() {  # the embedded data of a task (DESIGN 5.8): the corpus for causal_lm, cache/embedded
+  "$PY" -W ignore data_prep/prepare_embedded.py --task "${1:-causal_lm}"
 }
 
 launch() {
   local preset=$1; shift
-  local arch
-  arch=$("$PY" -W ignore -c "import sys; from wider.presets import get
-try: print(get(sys.argv[1]).model.arch)
+  local spec task recipe
+  # The preset's task picks the recipe (the causal LM: recipes/pretrain_<arch>.py; wider/tasks/__init__.py).
+  spec=$("$PY" -W ignore -c "import sys; from wider.presets import get; from wider.tasks import recipe_for
+try: c = get(sys.argv[1]); print(c.model.task, recipe_for(c.model.arch, c.model.task))
 except ValueError as e: sys.exit(f'error: {e}')" "$preset")
-  local recipe=recipes/pretrain_${arch}.py
-  # The embedded corpus is the default data of every preset; it is prepared once and cached.
-  prepare_embedded
+  read -r task recipe <<< "$spec"
+  # The embedded data of the preset's task is its default data; it is prepared once and cached.
+  prepare_embedded "$task"
   local port=${WIDER_MASTER_PORT:-$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
   # wider.launch = the deepspeed command, after checking every input in this one process (invalid input: one
   # line, exit 2, nothing written) and with signals turned into a checkpoint and exit 0 (DESIGN.md 4.4).
@@ -107,7 +109,7 @@ case "$cmd" in
         exec "$PY" -m pytest -q tests "$@" ;;
   tensorboard) shift; setup; exec "$VENV/bin/tensorboard" --logdir runs --port "${WIDER_TB_PORT:-6006}" --bind_all "$@" ;;
   info) shift; setup; exec "$PY" -W ignore -m wider.info --preset "$@" ;;
-  prepare) shift; setup; prepare_embedded ;;
+  prepare) shift; setup; prepare_embedded "${1:-causal_lm}" ;;
   -*) setup; launch "$DEFAULT_PRESET" "$@" ;;
   *) shift || true; setup; launch "$cmd" "$@" ;;
 esac

@@ -2,11 +2,16 @@
 
     python data_prep/prepare_embedded.py                  # -> cache/embedded/
     python data_prep/prepare_embedded.py --out-dir /tmp/emb --vocab-size 4000
+    python data_prep/prepare_embedded.py --task masked_lm  # -> cache/embedded_mlm/ (also the classification task)
+    python data_prep/prepare_embedded.py --task image_classification   # -> cache/embedded_digits/
 
 Writes OUT/tokenizer.{model,vocab,json} and OUT/kjv_text_document.{bin,idx,json}. The corpus's chapters are
 shuffled with a fixed seed before tokenization, so that megatron's contiguous train/valid/test split draws
 held-out chapters from every book rather than only the last ones (Revelation and the epistles).
 OUT/stamp.json records the corpus SHA-256 and the settings; a second call with the same inputs returns at once.
+--task names the task whose embedded data to prepare (DESIGN 5.8; data_prep/embedded_tasks.py): causal_lm (the
+default, above), masked_lm and classification (the sentence-level corpus with its [CLS]/[SEP]/[MASK] tokenizer, and
+the verse-source task), image_classification (scikit-learn's digits as an image folder).
 """
 
 from __future__ import annotations
@@ -64,13 +69,30 @@ def prepare_embedded(out_dir: str = "cache/embedded", vocab_size: int = 8000, wo
     return {**result, "cached": False, "tokens": summary["tokens"], "documents": summary["documents"]}
 
 
+TASK_DIRS = {"causal_lm": "cache/embedded", "masked_lm": "cache/embedded_mlm", "classification": "cache/embedded_mlm",
+             "image_classification": "cache/embedded_digits"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", default="cache/embedded", help="Where to write (default cache/embedded).")
+    p.add_argument("--task", default="causal_lm", choices=list(TASK_DIRS),
+                   help="Whose embedded data to prepare (default causal_lm, the language models' corpus).")
+    p.add_argument("--out-dir", default=None, help="Where to write (default: the task's, "
+                   + ", ".join(f"{k} {v}" for k, v in TASK_DIRS.items() if k != "classification") + ").")
     p.add_argument("--vocab-size", type=int, default=8000, help="Tokenizer vocabulary (default 8000).")
     p.add_argument("--workers", type=int, default=1, help="Tokenizer processes (the corpus is small: 1).")
     a = p.parse_args(argv)
-    prepare_embedded(a.out_dir, a.vocab_size, a.workers)
+    out = a.out_dir or TASK_DIRS[a.task]
+    if a.task == "causal_lm":
+        prepare_embedded(out, a.vocab_size, a.workers)
+    elif a.task == "image_classification":
+        from data_prep.embedded_tasks import prepare_digits
+
+        prepare_digits(out)
+    else:
+        from data_prep.embedded_tasks import prepare_mlm
+
+        prepare_mlm(out, a.vocab_size)
     return 0
 
 

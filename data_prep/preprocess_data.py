@@ -5,7 +5,10 @@
     python data_prep/preprocess_data.py --input shards/ --tokenizer data/tok.model --output-prefix data/web
 
 One document per entry, the end-of-document id appended to each (--no-append-eod to skip), written with
-megatron-core's own IndexedDatasetBuilder (uint16 tokens for vocabularies below 65,500, int32 above), so
+megatron-core's own IndexedDatasetBuilder. --sentences lines writes each non-empty line of a document as a sequence of
+its own, the document kept as their group: the layout megatron-core's BERT dataset reads (sentences, documents), which
+wider's masked-LM task trains on (put one sentence per line; with --append-eod the id ends each document's last
+sentence) (uint16 tokens for vocabularies below 65,500, int32 above), so
 megatron-core's GPTDataset and IndexedDataset read it directly. PREFIX.json records the counts, the tokenizer
 and its SHA-256 (the training run checks it against the tokenizer it is given).
 
@@ -28,6 +31,7 @@ from data_prep.train_tokenizer import tokenizer_identity
 from wider.files import atomic_write_json, sha256_file
 
 _worker_sp = None
+SENTENCE_MODES = ("none", "lines")
 
 
 def _init_worker(model_path: str) -> None:
@@ -39,6 +43,14 @@ def _init_worker(model_path: str) -> None:
 
 def _encode_chunk(docs: list[str]) -> list[list[int]]:
     return _worker_sp.encode(docs)
+
+
+def _lines(doc: str) -> list[str]:
+    return [line.strip() for line in doc.split("\n") if line.strip()]
+
+
+def _encode_sentence_chunk(docs: list[str]) -> list[list[list[int]]]:
+    return [_worker_sp.encode(_lines(d)) for d in docs]
 
 
 def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -54,9 +66,10 @@ def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
 
 def preprocess(inputs: list[str], tokenizer_model: str, output_prefix: str, workers: int = 1,
                json_key: str = "text", text_mode: str = "file", append_eod: bool = True, chunk_size: int = 64,
-               quiet: bool = False, _documents: Optional[Iterator[str]] = None) -> dict:
+               quiet: bool = False, _documents: Optional[Iterator[str]] = None, sentences: str = "none") -> dict:
     """Tokenize inputs into OUTPUT_PREFIX.{bin,idx,json}; returns the summary written to the .json.
-    `_documents` replaces reading `inputs` (tests use it to inject failures)."""
+    `_documents` replaces reading `inputs` (tests use it to inject failures). sentences: "none" (one sequence per
+    document) or "lines" (one sequence per non-empty line, grouped by document)."""
     import warnings
 
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
@@ -80,6 +93,8 @@ def preprocess(inputs: list[str], tokenizer_model: str, output_prefix: str, work
                             "with data_prep/train_tokenizer.py or pass --no-append-eod")
     if workers < 1:
         raise DataPrepError(f"--workers {workers} must be at least 1")
+    if sentences not in SENTENCE_MODES:
+        raise DataPrepError(f"--sentences {sentences!r} is invalid; use one of {', '.join(SENTENCE_MODES)}")
     files = expand_inputs(inputs) if _documents is None else list(inputs)
     docs = _documents if _documents is not None else iter_documents(files, json_key, text_mode)
     text_bytes = [0]
@@ -95,29 +110,35 @@ def preprocess(inputs: list[str], tokenizer_model: str, output_prefix: str, work
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     tmp_bin, tmp_idx = f"{output_prefix}.bin.tmp-{os.getpid()}", f"{output_prefix}.idx.tmp-{os.getpid()}"
-    n_docs = n_tokens = n_bytes = n_empty = 0
+    n_docs = n_tokens = n_bytes = n_empty = n_sentences = 0
     t0 = time.time()
     pool = None
     try:
         builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+        by_lines = sentences == "lines"
         if workers > 1:
             pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tokenizer_model,))
             # imap keeps document order, so the dataset is the same for any number of workers.
-            source = pool.imap(_encode_chunk, _chunks(docs, chunk_size))
+            source = pool.imap(_encode_sentence_chunk if by_lines else _encode_chunk, _chunks(docs, chunk_size))
+        elif by_lines:
+            source = ([sp.encode(_lines(d)) for d in c] for c in _chunks(docs, chunk_size))
         else:
             source = (sp.encode(c) for c in _chunks(docs, chunk_size))
         bar = tqdm(desc="tokenizing", unit=" docs", disable=quiet, mininterval=0.5)
         for ids_list in source:
             for ids in ids_list:
-                if not ids:
+                parts = [p for p in ids if p] if by_lines else ([ids] if ids else [])
+                if not parts:
                     n_empty += 1
                     continue
                 if append_eod:
-                    ids = ids + [eod]
-                builder.add_item(torch.tensor(ids, dtype=torch.int64))
+                    parts[-1] = parts[-1] + [eod]
+                for part in parts:
+                    builder.add_item(torch.tensor(part, dtype=torch.int64))
+                    n_tokens += len(part)
                 builder.end_document()
                 n_docs += 1
-                n_tokens += len(ids)
+                n_sentences += len(parts)
             bar.update(len(ids_list))
         bar.close()
         if n_docs == 0:
@@ -131,6 +152,7 @@ def preprocess(inputs: list[str], tokenizer_model: str, output_prefix: str, work
         seconds = time.time() - t0
         summary = {
             "documents": n_docs, "empty_documents_skipped": n_empty, "tokens": n_tokens, "text_bytes": n_bytes,
+            **({"sentences": n_sentences} if by_lines else {}),
             "bin_bytes": os.path.getsize(tmp_bin), "seconds": round(seconds, 3),
             "tokens_per_second": round(n_tokens / max(seconds, 1e-9)),
             "dtype": np.dtype(dtype).name, "eod_appended": append_eod, "eod_id": eod, "vocab_size": vocab,
@@ -174,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=64, help="Documents per task sent to a worker.")
     p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                    help="Append the end-of-document id to every document (default on).")
+    p.add_argument("--sentences", default="none", choices=SENTENCE_MODES,
+                   help="'lines': each non-empty line of a document is a sequence (a sentence) of that document, the "
+                        "layout of the masked-LM task (megatron-core's BERT dataset); 'none' (default): one sequence "
+                        "per document.")
     return p
 
 
@@ -181,7 +207,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         preprocess(a.input, a.tokenizer, a.output_prefix, a.workers, a.json_key, a.text_mode, a.append_eod,
-                   a.chunk_size)
+                   a.chunk_size, sentences=a.sentences)
     except DataPrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -66,6 +66,9 @@ CASES = {
     "./run.sh test -k resume": "skip: this suite",
     '.venv/bin/python -c "import wider"': "subprocess",
     "./run.sh gpt_smoke --num-layers 6": "train",
+    "./run.sh fine_smoke --moe-router expert_choice": "train",
+    "./run.sh fine_smoke --router-bias --router-score sigmoid --router-renormalize --shared-experts 1 "
+    "--ds-set moe.aux_loss_weight=0": "train",
     "./run.sh --help": "subprocess",
     "python recipes/pretrain_widenet.py --help": "inprocess",
     "./run.sh info fine_512x8 --granularity 16": "inprocess",
@@ -99,6 +102,18 @@ CASES = {
     "python recipes/generate.py --checkpoint runs/widenet_smoke --prompt-file prompts.jsonl --json-key text "
     "--num-samples 4 --temperature 0.8 --top-p 0.9 --seed 7 --output samples.jsonl": "inprocess",
     'python recipes/generate.py --checkpoint runs/widenet_smoke --prompt "In the beginning" --no-cache': "inprocess",
+    "python -m wider.study list": "subprocess",
+    "python -m wider.study run smoke --jobs 2": "subprocess",  # tests/test_study.py checks what it writes
+    "python -m wider.study plan widenet --scale cpu": "subprocess",
+    "python -m wider.study run widenet --scale cpu --jobs 2": "skip: 12 runs, about 20 minutes on two cores (the smoke "
+                                                               "study runs the same code)",
+    "python -m wider.study run granularity --scale cpu --jobs 2 --lr-grid 1e-3,3e-3,1e-2":
+        "skip: 36 runs, an hour on two cores (the smoke study runs the same code; tests/test_study.py the grid's "
+        "bookkeeping)",
+    "python -m wider.study report widenet --scale cpu": "subprocess",  # on the smoke study run above (SUBSTITUTE)
+    "python -m wider.study plan umoe --scale gpu --mfu 0.2": "subprocess",
+    'python -m wider.study run umoe --scale gpu --launcher "deepspeed --num_gpus 8" -- --data-path '
+    "data/my_text_document --tokenizer data/tok.model": f"skip: {SKIP_GPU}",
     **{f"python benchmarks/{b}.py": "skip: a GPU benchmark by default (its --cpu runs are recorded in "
        "benchmarks/RESULTS.md); minutes, not a test" for b in ("moe_layer", "train_step", "saved_activations",
                                                                "moe_profile")},
@@ -106,7 +121,8 @@ CASES = {
 # Small sizes for the CPU (the README's figures are for real corpora and GPUs).
 SUBSTITUTE = {"--vocab-size 32000": "--vocab-size 400", "--workers 8": "--workers 2",
               "--max-new-tokens 60": "--max-new-tokens 8", "--num-samples 4": "--num-samples 2",
-              "--output samples.jsonl": "--output samples.jsonl --max-new-tokens 8", "--no-cache": "--no-cache --max-new-tokens 8"}
+              "--output samples.jsonl": "--output samples.jsonl --max-new-tokens 8", "--no-cache": "--no-cache --max-new-tokens 8",
+              "report widenet --scale cpu": "report smoke --scale cpu"}
 
 
 def test_every_readme_command_has_a_case():

@@ -115,6 +115,7 @@ FORBIDDEN = {
     "wider.checkpoint": ("wider.training", "wider.eval", "wider.commands"),
     "wider.optim": ("wider.training", "wider.checkpoint", "wider.models"),
     "wider.scaling": ("wider.training",),
+    "wider.study": ("wider.training",),
     "wider.data": ("wider.models", "wider.moe", "wider.training", "wider.checkpoint"),
     "patches": ("wider",),
     "data_prep": tuple(f"wider.{m}" for m in ("models", "moe", "training", "checkpoint", "eval", "config", "data")),

@@ -74,8 +74,9 @@ def _checked(kind, text: str, name: str):
 
 
 def parse(argv: Optional[Sequence[str]] = None, description: str = "", default_preset: str = "gpt_smoke",
-          arch: Optional[str] = None) -> RunConfig:
-    """Parse the command line into a validated-for-shape RunConfig (parallel layout checked later)."""
+          arch: Optional[str] = None, task: Optional[str] = None) -> RunConfig:
+    """Parse the command line into a validated-for-shape RunConfig (parallel layout checked later). arch / task: the
+    recipe's own (a preset of another architecture or task is refused with the recipe that trains it)."""
     import json
 
     parser = build_parser(description, default_preset)
@@ -96,6 +97,8 @@ def parse(argv: Optional[Sequence[str]] = None, description: str = "", default_p
                                   "/ --base-top-k; give one description of the experts, not both")
             # A new G or E re-derives the expert count, top-k and width that a preset or config already holds.
             cfg.model.num_experts, cfg.model.moe_top_k, cfg.model.moe_ffn_hidden_size = 0, 2, None
+        if "labels" in given and "num_labels" not in given:
+            cfg.model.num_labels = 0  # a new label set re-derives the classifier's size (wider.config)
         for key, value in vars(ns).items():
             if "." in key:
                 sec, name = key.split(".", 1)
@@ -105,6 +108,11 @@ def parse(argv: Optional[Sequence[str]] = None, description: str = "", default_p
         if arch is not None and cfg.model.arch != arch:
             raise ConfigError(f"preset {cfg.preset!r} builds model.arch {cfg.model.arch!r}, but this recipe trains "
                               f"{arch!r}; use the recipe for {cfg.model.arch!r} or another preset")
+        if task is not None and cfg.model.task != task:
+            from wider.tasks import recipe_for
+
+            raise ConfigError(f"preset {cfg.preset!r} trains model.task {cfg.model.task!r}, but this recipe trains "
+                              f"{task!r}; use {recipe_for(cfg.model.arch, cfg.model.task)} or another preset")
         validate(cfg)
     except (ConfigError, OSError, json.JSONDecodeError) as e:
         parser.exit(2, f"error: {with_flags(str(e))}\n")

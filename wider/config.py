@@ -77,8 +77,29 @@ class ModelConfig:
     base_top_k: int = _f(1, "Fine-grained MoE: experts per token at G = 1 (the paper uses 1).")
     router_noise: str = _f("none", "Router logit noise in training: 'none', or 'inverse_experts' (Gaussian, "
                                    "std 1/num_experts, as WideNet's official code).")
-    router_renormalize: bool = _f(False, "Rescale the top-k router probabilities to sum to 1 (GShard / "
-                                         "DeepSpeed top-2); off for WideNet and Switch.")
+    router_renormalize: bool = _f(False, "Rescale the top-k router weights to sum to 1 (GShard / "
+                                         "DeepSpeed top-2, DeepSeek-V3); off for WideNet and Switch.")
+    moe_router: str = _f("token_choice", "gpt_moe / widenet: how tokens meet experts. 'token_choice' (each token its "
+                                         "top-k experts; balance loss or router_bias) or 'expert_choice' (Zhou et al. "
+                                         "2022 as llm-random trains it, the routing the fine-grained scaling law was "
+                                         "fitted under: each expert takes its highest-scoring tokens of each routing "
+                                         "group, moe.ec_group, up to moe.capacity_factor x group x k / experts; a token "
+                                         "may get 0 .. num_experts experts; a LayerNorm on the MoE output; no balance "
+                                         "loss). Evaluation routing: moe.ec_eval_routing.")
+    router_score: str = _f("softmax", "gpt_moe / widenet, token choice: 'softmax' over the experts, or 'sigmoid' per "
+                                      "expert (DeepSeek-V3's affinities; pair with router_renormalize true, as "
+                                      "DeepSeek-V3).")
+    router_bias: bool = _f(False, "gpt_moe / widenet, token choice: auxiliary-loss-free balancing (DeepSeek-V3): a "
+                                  "per-expert bias added to the scores for the top-k choice only, never to the "
+                                  "combine weights, moved after every optimizer step by moe.bias_update_speed towards "
+                                  "equal load; kept in checkpoints. Usually with moe.aux_loss_weight 0 or a small "
+                                  "sequence-wise loss (moe.aux_loss_scope 'sequence', DeepSeek-V3: 0.0001). "
+                                  "false = off.")
+    ec_softmax_over: str = _f("experts", "Expert choice only: the softmax of the router scores runs over the "
+                                         "'experts' of each token (llm-random's granularity runs; default) or over "
+                                         "the 'tokens' of each routing group for each expert (llm-random's class "
+                                         "default; such a model cannot route one token at a time, so it cannot "
+                                         "generate).")
     layer_group_size: int = _f(1, "moeut: G distinct layers applied A, B, A, B, ... for num_layers / G repeats "
                                   "(num_layers must be a multiple of G); 1 = every layer shares one set of "
                                   "weights (a Universal Transformer).")
@@ -98,14 +119,38 @@ class ModelConfig:
                                   "the FFN-MoE baseline).")
     query_rank: int = _f(16, "umoe: rank R of each expert's own query q_i = z W_res + B_i RMSNorm(A_i z) (UMoE: 16 for "
                              "the small model, 36 for 1B).")
-    shared_experts: int = _f(0, "umoe: always-on shared experts of moe_ffn_hidden_size each, per MoE sublayer (the "
-                                "attention's with its own query; the FFN's its own weights), fused into one FFN of "
-                                "shared_experts * moe_ffn_hidden_size; 0 = none. UMoE: 1.")
+    shared_experts: int = _f(0, "Always-on shared experts of moe_ffn_hidden_size each beside the routed ones "
+                                "(DeepSeekMoE), fused into one dense FFN of shared_experts * moe_ffn_hidden_size that "
+                                "every token uses; 0 = none. gpt_moe / widenet: with granularity, they come out of the "
+                                "active budget (top-(G * base_top_k - shared_experts) of G * expansion_rate - "
+                                "shared_experts routed experts), so active and total parameters stay the dense "
+                                "model's and the paper's. umoe: per MoE sublayer (the attention's with its own query; "
+                                "the FFN's its own weights); UMoE: 1.")
     rope_dims: Optional[int] = _f(None, "moeut: RoPE channels per head, an even count (the rest attend by content "
                                         "only); None = half of head_dim rounded down to even (MoEUT rotates "
                                         "half).")
     recompute: str = _f("none", "Activation recompute: 'none' or 'full' (every block, with non-reentrant "
                                 "torch.utils.checkpoint; see patches/nonreentrant_recompute.py).")
+    # --- the task (DESIGN 5.8): what the model is trained to do, its heads and its inputs ---
+    task: str = _f("causal_lm", "What the model learns (wider.tasks): 'causal_lm' (next-token prediction on indexed "
+                                "datasets, every arch), 'masked_lm' (ALBERT-style masked-LM + sentence-order "
+                                "prediction on a bidirectional encoder, recipes/pretrain_mlm.py), 'classification' "
+                                "(sequence / sentence-pair classification from GLUE TSV or JSONL, recipes/finetune.py) "
+                                "or 'image_classification' (a ViT on an image folder, recipes/train_vit.py). The three "
+                                "encoder tasks build archs gpt, gpt_moe and widenet bidirectionally.")
+    embedding_size: Optional[int] = _f(None, "masked_lm / classification: ALBERT's factorized embedding: token, "
+                                             "position and type embeddings this wide, projected to hidden_size, and "
+                                             "the MLM head projecting back to it (tied to the token embedding); None = "
+                                             "hidden_size (no projection, as BERT).")
+    share_norms: bool = _f(False, "widenet: the blocks share their LayerNorm pair too (ALBERT shares every weight of "
+                                  "its layers); false = one pair per block (WideNet).")
+    num_labels: int = _f(0, "classification: classes of the output head, 0 = len(data.labels); image_classification: "
+                            "classes (one folder each in the image folder); 0 for the language-model tasks.")
+    image_size: int = _f(224, "image_classification: images are resized (or randomly cropped) to this many pixels "
+                              "square; a multiple of patch_size. seq_length is derived: (image_size / patch_size)^2 "
+                              "patches + the class token.")
+    patch_size: int = _f(16, "image_classification: side of the square patches the ViT embeds (ViT-B/16: 16).")
+    num_channels: int = _f(3, "image_classification: 3 (RGB) or 1 (greyscale); images are converted on reading.")
 
     @property
     def ffn_size(self) -> int:
@@ -137,6 +182,42 @@ class DataConfig:
                                        "they do not exist from the working directory; None = the working directory. A "
                                        "run records where it was launched here (RUN_DIR/config.json), so evaluation, "
                                        "export and resume work from any directory.")
+    # --- masked_lm (megatron-core's BERT dataset over a sentence-level indexed dataset: one sequence per sentence,
+    # documents kept, data_prep/preprocess_data.py --sentences lines) ---
+    masking_probability: float = _f(0.15, "masked_lm: share of the tokens to predict, in (0, 1); each is replaced by "
+                                          "[MASK] 80 percent, a random token 10 percent, itself 10 percent of the time (BERT, ALBERT).")
+    masking_max_ngram: int = _f(3, "masked_lm: masked spans are n-grams of whole words, n <= this, P(n) ~ 1/n "
+                                   "(ALBERT: 3); 1 = single words.")
+    short_sequence_probability: float = _f(0.1, "masked_lm: share of samples cut shorter than seq_length, in [0, 1] "
+                                                "(BERT / ALBERT: 0.1).")
+    # --- classification and image_classification: a training and a held-out set ---
+    train_data: Optional[str] = _f(None, "classification: the training file (.tsv in GLUE's layout, or .jsonl); "
+                                         "image_classification: the training image folder (one subfolder per class, "
+                                         "JPEG / PNG inside).")
+    valid_data: Optional[str] = _f(None, "The held-out set evaluated during and after training (GLUE: dev.tsv; "
+                                         "ImageNet: val/ in the same class-folder layout as train_data).")
+    text_columns: list = _f([], "classification: the one (single sentence) or two (sentence pair) text columns: header "
+                                "names of a TSV (GLUE: 'sentence', or 'sentence1 sentence2'), keys of a JSONL line, or "
+                                "0-based column numbers of a TSV without header (data.tsv_header false).")
+    label_column: str = _f("label", "classification: the label's column (header name, JSONL key or 0-based number).")
+    labels: list = _f([], "classification: the label set, in class-index order, as written in the files (GLUE RTE: "
+                          "'entailment not_entailment'); a label outside it is an error naming the line.")
+    tsv_header: bool = _f(True, "classification: the TSV files start with a header line (GLUE's CoLA files have none).")
+    metric: str = _f("accuracy", "classification: the metric reported first and in the summary, as GLUE reports it: "
+                                 "'accuracy', 'f1' (of the second label, GLUE's MRPC / QQP) or 'mcc' (Matthews "
+                                 "correlation, GLUE's CoLA); all three are always logged.")
+    image_crop_scale: float = _f(0.05, "image_classification, training: random-resized crop of 'image_crop_scale' to "
+                                       "all of the image area (the official WideNet code's Inception-style crop: "
+                                       "0.05); 1 = no crop, only the resize.")
+    image_flip: bool = _f(True, "image_classification, training: random horizontal flips.")
+    randaugment_ops: int = _f(2, "image_classification, training: RandAugment operations per image (official "
+                                 "WideNet: 2); 0 = off.")
+    randaugment_magnitude: float = _f(15.0, "image_classification: RandAugment magnitude on kornia's 0-30 scale "
+                                            "(official WideNet: 15).")
+    mixup_alpha: float = _f(0.5, "image_classification, training: mixup with a Beta(alpha, alpha) weight and an "
+                                 "independently drawn partner image (official WideNet: 0.5); 0 = off.")
+    label_smoothing: float = _f(0.0, "classification / image_classification: label smoothing of the cross-entropy "
+                                     "in training, in [0, 1) (official WideNet on ImageNet: 0.1); 0 = off.")
 
     def locate(self, path: str) -> str:
         """A data path of this config: as given when it exists from here (absolute, or relative to the working
@@ -196,6 +277,11 @@ class TrainConfig:
     exit_at_iter: Optional[int] = _f(None, "Stop (saving a checkpoint) after this step although the "
                                            "schedule runs to train_iters; None = run to the end.")
     peak_tflops: float = _f(989.0, "Accelerator dense bf16 peak used for MFU (H100 SXM: 989).")
+    init_from: Optional[str] = _f(None, "Start from the weights of a pretrained run directory, checkpoint or release "
+                                        "(not its optimizer or step): every tensor with the same name and shape; a head "
+                                        "the source lacks starts fresh (fine-tuning: masked_lm -> classification). The "
+                                        "source needs the same backbone config and tokenizer. None = random "
+                                        "initialisation; ignored when resuming (the checkpoint holds the weights).")
 
 
 @dataclass
@@ -261,14 +347,107 @@ def resolve_granularity(m: ModelConfig) -> None:
     _req(d_expert % 8 == 0, f"expert width d_ff / G = {d_ff} / {G} = {d_expert} is not a multiple of 8, which "
                             "grouped GEMMs need; choose a smaller granularity or a d_ff with more factors of 2")
     _req(G * k <= G * E, f"model.base_top_k {k} exceeds expansion_rate {E}: top-(G*k) would exceed G*E experts")
-    derived = {"num_experts": G * E, "moe_top_k": G * k, "moe_ffn_hidden_size": d_expert}
+    S = m.shared_experts
+    _req(isinstance(S, int) and not isinstance(S, bool) and 0 <= S < G * k,
+         f"model.shared_experts {S!r} does not fit the active budget of granularity {G} x base_top_k {k}: the shared "
+         f"experts take {S} of the {G * k} expert FFNs each token uses, and at least one must stay routed; use "
+         f"--shared-experts in [0, {G * k - 1}] or a larger --granularity")
+    derived = {"num_experts": G * E - S, "moe_top_k": G * k - S, "moe_ffn_hidden_size": d_expert}
     for name, value in derived.items():
         current = getattr(m, name)
         unset = current in (None, 0) or (name == "moe_top_k" and current == ModelConfig.moe_top_k)
         _req(unset or current == value,
-             f"model.{name} {current!r} conflicts with granularity {G} x expansion_rate {E} (which give {value}); "
+             f"model.{name} {current!r} conflicts with granularity {G} x expansion_rate {E}"
+             f"{f' with {S} shared experts' if S else ''} (which give {value}); "
              f"drop --{name.replace('_', '-')} (it is derived) or drop --granularity/--expansion-rate")
         setattr(m, name, value)
+
+
+# The tasks (DESIGN 5.8; wider.tasks holds their data, losses and metrics, wider.models their heads).
+TASKS = ("causal_lm", "masked_lm", "classification", "image_classification")
+TEXT_ENCODER_TASKS = ("masked_lm", "classification")
+CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc")
+
+
+def tokenized(m: ModelConfig) -> bool:
+    """Whether the task reads text through the run's SentencePiece tokenizer (the image task reads none)."""
+    return m.task != "image_classification"
+
+
+def validate_task_fields(cfg: RunConfig) -> None:
+    """The task's own fields (DESIGN 5.8), and what they derive: classification's num_labels from data.labels, the
+    ViT's seq_length from its image and patch sizes. A field of another task left at its default is not read."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    _req(m.task in TASKS, f"model.task {m.task!r} is unknown; use one of {', '.join(TASKS)}")
+    if m.task == "causal_lm":
+        _req(m.embedding_size is None, f"model.embedding_size {m.embedding_size}: the factorized embedding belongs to "
+                                       "the text encoders (task masked_lm / classification); drop --embedding-size")
+        _req(m.num_labels == 0, f"model.num_labels {m.num_labels}: a language model has no label head; drop "
+                                "--num-labels or choose --task classification / image_classification")
+        return
+    _req(t.tensor_parallel == 1, f"train.tensor_parallel {t.tensor_parallel}: task {m.task!r} runs at tensor-parallel "
+                                 "size 1 (its heads and losses are not split); scale it with data and expert "
+                                 "parallelism and ZeRO")
+    _req(m.position_embedding == "learned_absolute",
+         f"model.position_embedding {m.position_embedding!r}: the encoders of task {m.task!r} (BERT / ALBERT / ViT) "
+         "use learned absolute positions; set --position-embedding learned_absolute")
+    for name in ("train_data", "valid_data"):
+        if m.task in ("classification", "image_classification"):
+            _req(bool(getattr(d, name)), f"data.{name} is not set: task {m.task!r} trains on data.train_data and "
+                                         "evaluates on data.valid_data (a file or an image folder each)")
+    if m.task in TEXT_ENCODER_TASKS:
+        _req(m.embedding_size is None or (isinstance(m.embedding_size, int) and m.embedding_size > 0),
+             f"model.embedding_size must be a positive integer or None, got {m.embedding_size!r}")
+    else:
+        _req(m.embedding_size is None, f"model.embedding_size {m.embedding_size}: the factorized embedding belongs to "
+                                       "the text encoders; a ViT embeds patches at hidden_size: drop --embedding-size")
+    if m.task == "masked_lm":
+        _req(m.num_labels == 0, f"model.num_labels {m.num_labels}: masked_lm's heads are the vocabulary and the two "
+                                "sentence orders; drop --num-labels")
+        _req(0.0 < d.masking_probability < 1.0,
+             f"data.masking_probability must be in (0, 1), got {d.masking_probability!r}")
+        _req(isinstance(d.masking_max_ngram, int) and d.masking_max_ngram >= 1,
+             f"data.masking_max_ngram must be a positive integer, got {d.masking_max_ngram!r}")
+        _req(0.0 <= d.short_sequence_probability <= 1.0,
+             f"data.short_sequence_probability must be in [0, 1], got {d.short_sequence_probability!r}")
+        _req(m.seq_length >= 8, f"model.seq_length {m.seq_length}: a masked_lm sample holds [CLS], two segments and "
+                                "two [SEP]; use at least 8")
+    if m.task == "classification":
+        labels = [str(x) for x in d.labels]
+        _req(len(labels) >= 2 and len(set(labels)) == len(labels),
+             f"data.labels {d.labels!r}: give the label set, at least two distinct labels in class-index order, as "
+             "the files write them (e.g. --labels 0 1, or --labels entailment not_entailment)")
+        _req(m.num_labels in (0, len(labels)), f"model.num_labels {m.num_labels} differs from the {len(labels)} labels "
+                                               f"of data.labels {labels}; drop --num-labels (it is derived)")
+        m.num_labels, d.labels = len(labels), labels
+        _req(isinstance(d.text_columns, list) and len(d.text_columns) in (1, 2),
+             f"data.text_columns {d.text_columns!r}: name one text column (single sentences) or two (sentence pairs), "
+             "e.g. --text-columns sentence1 sentence2")
+        d.text_columns = [str(c) for c in d.text_columns]
+        _req(bool(str(d.label_column)),
+             "data.label_column is empty; name the label's column (e.g. --label-column label)")
+        _req(d.metric in CLASSIFICATION_METRICS,
+             f"data.metric {d.metric!r} is invalid; use one of {', '.join(CLASSIFICATION_METRICS)}")
+        _req(d.metric != "f1" or len(labels) == 2, f"data.metric f1 is GLUE's binary F1 (of the second label); with "
+                                                   f"{len(labels)} labels use accuracy or mcc")
+    if m.task in ("classification", "image_classification"):
+        _req(0.0 <= d.label_smoothing < 1.0, f"data.label_smoothing must be in [0, 1), got {d.label_smoothing!r}")
+    if m.task == "image_classification":
+        for name in ("image_size", "patch_size"):
+            v = getattr(m, name)
+            _req(isinstance(v, int) and v > 0, f"model.{name} must be a positive integer, got {v!r}")
+        _req(m.image_size % m.patch_size == 0, f"model.image_size {m.image_size} is not a multiple of patch_size "
+                                               f"{m.patch_size}; choose sizes whose patches tile the image")
+        _req(m.num_channels in (1, 3), f"model.num_channels must be 1 (greyscale) or 3 (RGB), got {m.num_channels!r}")
+        _req(isinstance(m.num_labels, int) and m.num_labels >= 2,
+             f"model.num_labels {m.num_labels!r}: give the number of classes (class folders), e.g. --num-labels 1000")
+        _req(0.0 < d.image_crop_scale <= 1.0, f"data.image_crop_scale must be in (0, 1], got {d.image_crop_scale!r}")
+        _req(isinstance(d.randaugment_ops, int) and d.randaugment_ops >= 0,
+             f"data.randaugment_ops must be a non-negative integer, got {d.randaugment_ops!r}")
+        _req(0.0 <= d.randaugment_magnitude <= 30.0,
+             f"data.randaugment_magnitude must be in [0, 30] (kornia's scale), got {d.randaugment_magnitude!r}")
+        _req(d.mixup_alpha >= 0.0, f"data.mixup_alpha must be >= 0 (0 = off), got {d.mixup_alpha!r}")
+        m.seq_length = (m.image_size // m.patch_size) ** 2 + 1  # the patches and the class token
 
 
 def validate_fields(cfg: RunConfig, world_size: Optional[int] = None) -> None:
@@ -277,6 +456,7 @@ def validate_fields(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     validator's (wider.models.validate runs both: this module knows no model)."""
     m, d, t = cfg.model, cfg.data, cfg.train
     resolve_granularity(m)
+    validate_task_fields(cfg)
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by"):
         v = getattr(m, name)
         _req(isinstance(v, int) and v > 0, f"model.{name} must be a positive integer, got {v!r}")

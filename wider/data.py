@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from data_prep.train_tokenizer import tokenizer_identity
-from wider.config import ConfigError, ModelConfig, RunConfig, parse_split
+from wider.config import ConfigError, ModelConfig, RunConfig, parse_split, tokenized
 from wider.files import sha256_file
 
 # What `python -m wider.info` assumes when neither model.vocab_size nor the tokenizer file is there (it says so).
@@ -46,7 +46,10 @@ def model_vocab_size(m: ModelConfig, tokenizer_vocab: Optional[int]) -> int:
 
 def planning_vocab_size(cfg: RunConfig) -> tuple[int, str]:
     """(vocabulary, where it came from) for counts and plans made without data: model_vocab_size with the
-    tokenizer file's size when the file exists, else PLANNING_VOCAB (stated as an assumption)."""
+    tokenizer file's size when the file exists, else PLANNING_VOCAB (stated as an assumption); none for a task that
+    reads no text (the image task)."""
+    if not tokenized(cfg.model):
+        return 0, "none (the task reads no text)"
     if cfg.model.vocab_size is not None:
         return model_vocab_size(cfg.model, None), "model.vocab_size"
     if os.path.isfile(cfg.data.tokenizer_path):
@@ -120,6 +123,7 @@ class IndexSummary:
     dtype: type
     lengths: np.ndarray  # tokens per sequence
     pointers: np.ndarray  # byte offset of each sequence in .bin
+    documents: int = 0  # documents (a sentence-level dataset holds several sequences per document)
 
 
 def read_index(prefix: str) -> IndexSummary:
@@ -133,7 +137,7 @@ def read_index(prefix: str) -> IndexSummary:
         head = f.read(34)
     if len(head) < 34 or head[:9] != _INDEX_HEADER:
         raise ValueError("no megatron-core index header")
-    version, code, sequences, _documents = struct.unpack("<QBQQ", head[9:34])
+    version, code, sequences, documents = struct.unpack("<QBQQ", head[9:34])
     if version != 1 or code not in _INDEX_DTYPES:
         raise ValueError(f"index version {version} / dtype code {code} unknown")
     raw = np.memmap(path, mode="r", dtype=np.uint8)
@@ -141,7 +145,8 @@ def read_index(prefix: str) -> IndexSummary:
         raise ValueError(f"{len(raw)} bytes cannot hold {sequences} sequences")
     lengths = np.frombuffer(raw, dtype=np.int32, count=sequences, offset=34)
     pointers = np.frombuffer(raw, dtype=np.int64, count=sequences, offset=34 + lengths.nbytes)
-    return IndexSummary(dtype=_INDEX_DTYPES[code], lengths=lengths, pointers=pointers)
+    # megatron's document index holds the first sequence of each document and a final end entry: documents + 1 values.
+    return IndexSummary(dtype=_INDEX_DTYPES[code], lengths=lengths, pointers=pointers, documents=max(documents - 1, 0))
 
 
 def check_indexed_dataset(prefix: str, tokenizer: SentencePieceTokenizer) -> int:
@@ -208,18 +213,12 @@ class Splits:
 def build_datasets(cfg: RunConfig, tokenizer: SentencePieceTokenizer, train_samples: int,
                    valid_samples: int, cache_dir: str) -> Splits:
     """Train and validation GPTDatasets from megatron-core's builder (indices cached in cache_dir)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     d, m = cfg.data, cfg.model
-    prefixes, weights = d.prefixes()
-    for p in prefixes:
-        check_indexed_dataset(p, tokenizer)
-    split = ",".join(str(x) for x in parse_split(d.split))
-    os.makedirs(cache_dir, exist_ok=True)
 
-    def make(sizes, blend=(prefixes, weights)):
-        conf = GPTDatasetConfig(
+    def config(blend, split):
+        return GPTDatasetConfig(
             random_seed=cfg.train.seed,
             sequence_length=m.seq_length,
             blend=blend,
@@ -232,8 +231,31 @@ def build_datasets(cfg: RunConfig, tokenizer: SentencePieceTokenizer, train_samp
             create_attention_mask=d.eod_mask,
             mmap_bin_files=True,
         )
+
+    return build_megatron_splits(cfg, tokenizer, GPTDataset, config, train_samples, valid_samples, cache_dir,
+                                 f"complete sequence of {m.seq_length + 1} tokens")
+
+
+def build_megatron_splits(cfg: RunConfig, tokenizer: SentencePieceTokenizer, dataset_class, config, train_samples: int,
+                          valid_samples: int, cache_dir: str, sample: str, one_epoch=None) -> Splits:
+    """Train and validation splits of a megatron-core dataset class (GPTDataset; the BERT dataset of the masked-LM
+    task) from its BlendedMegatronDatasetBuilder. config(blend, split) -> the class's dataset config; `sample` says
+    what one sample needs, for the error when the validation split holds none. one_epoch: the split size that builds
+    exactly one epoch (GPTDataset: None; megatron-core 0.16.1's masked datasets cannot take None, helpers.build_mapping
+    wants a number, and always build whole epochs: 1)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+    d, m = cfg.data, cfg.model
+    prefixes, weights = d.prefixes()
+    for p in prefixes:
+        check_indexed_dataset(p, tokenizer)
+    split = ",".join(str(x) for x in parse_split(d.split))
+    os.makedirs(cache_dir, exist_ok=True)
+
+    def make(sizes, blend=(prefixes, weights)):
+        conf = config(blend, split)
         try:
-            return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, conf).build()
+            return BlendedMegatronDatasetBuilder(dataset_class, sizes, lambda: True, conf).build()
         except (AssertionError, ValueError, IndexError) as e:
             raise DataError(f"megatron-core could not build datasets from {d.data_path} with split "
                             f"{d.split!r} and seq_length {m.seq_length}: {e}. A split may be too small "
@@ -243,11 +265,10 @@ def build_datasets(cfg: RunConfig, tokenizer: SentencePieceTokenizer, train_samp
     # only builds a size-less (one epoch) split without weights, so a weighted blend counts per prefix.
     epoch = 0
     for blend in ([(prefixes, None)] if weights is None else [([p], None) for p in prefixes]):
-        _, valid_epoch, _ = make([1, None, None], blend)
+        _, valid_epoch, _ = make([1, one_epoch, None if one_epoch is None else 0], blend)
         if valid_epoch is None or len(valid_epoch) == 0:
             raise DataError(f"the validation split of {blend[0][0] if weights else d.data_path} (split "
-                            f"{d.split!r}) holds no complete sequence of {m.seq_length + 1} tokens; "
-                            "give it more documents")
+                            f"{d.split!r}) holds no {sample}; give it more documents")
         epoch += len(valid_epoch)
     # A weighted blend is exactly as long as asked: ask for a full epoch so the final eval can cover it.
     valid_size = max(valid_samples, 1) if weights is None else max(valid_samples, epoch)

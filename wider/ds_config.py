@@ -160,7 +160,10 @@ def build(cfg: RunConfig, dp: Optional[int], path: Optional[str] = None) -> dict
         from wider.moe.settings import MoESettingsError
 
         try:
-            moe_settings(d, path).check_layout(m.num_experts, m.moe_top_k, dp, f"ds_config {path!r}")
+            moe = moe_settings(d, path)
+            moe.check_layout(m.num_experts, m.moe_top_k, dp, f"ds_config {path!r}")
+            moe.check_routing(m.moe_router, m.num_experts, m.moe_top_k, t.micro_batch_size, m.ec_softmax_over,
+                              f"ds_config {path!r}")
         except MoESettingsError as e:
             raise ConfigError(str(e)) from None
     if dp is None:

@@ -157,8 +157,9 @@ def next_tokens(logits_BV: torch.Tensor, params: SamplingParams,
 def generation_config(c: MoEConfig) -> MoEConfig:
     """The MoE configuration generation asks for: dropless (the module docstring says why) and eager routing (the
     compiled router is specialised per token count, dynamic=False: prefill lengths change with every prompt, so
-    eager routing avoids a recompilation per prompt)."""
-    return c.dropless().eager()
+    eager routing avoids a recompilation per prompt), and causal routing (expert-choice layers route each token by
+    token choice of the same scores: one new token per step has no group to be chosen from)."""
+    return c.dropless().eager().causal()
 
 
 @contextlib.contextmanager

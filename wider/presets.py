@@ -447,3 +447,165 @@ def umoe_small_dense() -> RunConfig:
 def umoe_1b_dense() -> RunConfig:
     """Dense GPT baseline of umoe_1b: 24 x 2048, 4 heads x 512, SiLU FFN 5632, RMSNorm, UMoE's recipe."""
     return _umoe_dense(umoe_1b)
+
+
+# --- Tasks (DESIGN 5.8): WideNet on its paper's own tasks, and the baselines it is measured against. Every architecture
+# with encoder blocks (gpt, gpt_moe, widenet) trains every task; recipes/pretrain_mlm.py, recipes/finetune.py and
+# recipes/train_vit.py train them. The paper's shapes (Xue et al. 2022, its NLP and ImageNet tables; the official code
+# XueFuzhao/WideNet_Code, widenet/configs.py and submit_tpu.sh): 4 experts, top-2, capacity 1.2, balance 0.01.
+
+EMBEDDED_MLM = "cache/embedded_mlm"  # data_prep/prepare_embedded.py --task masked_lm / classification
+EMBEDDED_DIGITS = "cache/embedded_digits"  # data_prep/prepare_embedded.py --task image_classification
+VERSE_LABELS = ["law_and_history", "poetry_and_prophets", "gospels_and_acts", "letters_and_revelation"]
+
+
+@preset
+def widenet_mlm_smoke() -> RunConfig:
+    """WideNet masked-LM + sentence order, 4 blocks x 128 sharing a 4-expert MoE, embedding 64: CPU (embedded verses)."""
+    cfg = widenet_smoke()
+    return replace(
+        cfg,
+        model=dict(task="masked_lm", embedding_size=64, seq_length=64, position_embedding="learned_absolute",
+                   tie_embeddings=False),
+        data=dict(data_path=[f"{EMBEDDED_MLM}/kjv_sentence_document"], tokenizer=f"{EMBEDDED_MLM}/tokenizer.model",
+                  split="95,5,0"),
+        train=dict(micro_batch_size=32, global_batch_size=64, train_iters=300, lr=2e-3, min_lr=2e-4, warmup_iters=20,
+                   weight_decay=0.01, eval_interval=0, eval_iters=4, log_interval=20),
+    )
+
+
+def _albert(arch: str, experts: int = 0) -> RunConfig:
+    """ALBERT-base's shape and recipe (Lan et al. 2020): 12 x 768, 12 heads, FFN 3072, embedding 128, a 30000-piece
+    SentencePiece vocabulary, sequences of 512, 4096 per step for 125k steps, lr 0.00176 with 3125 warmup steps, no
+    dropout. AdamW here where ALBERT uses LAMB (wider.optim has AdamW only). WideNet (experts > 0): the shared MoE of the
+    paper's NLP models, experts of ALBERT's FFN width, the WideNet routing and losses."""
+    cfg = widenet_mlm_smoke()
+    moe = dict(num_experts=experts, moe_top_k=2, moe_ffn_hidden_size=3072, router_noise="inverse_experts",
+               router_renormalize=False) if experts else dict(num_experts=0, moe_ffn_hidden_size=None)
+    return replace(
+        cfg,
+        model=dict(arch=arch, num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072,
+                   embedding_size=128, seq_length=512, vocab_size=30000, hidden_dropout=0.0, attention_dropout=0.0,
+                   share_norms=arch == "widenet" and not experts, **moe),
+        train=dict(micro_batch_size=32, global_batch_size=4096, train_iters=125000, lr=1.76e-3, min_lr=0.0,
+                   warmup_iters=3125, lr_decay_style="linear", weight_decay=0.01, clip_grad=1.0, eval_interval=5000,
+                   eval_iters=10, log_interval=10, save_interval=5000,
+                   ds_config="ds_configs/moe_zero1_bf16.json" if experts else "ds_configs/zero1_bf16.json",
+                   ds_set=list(WIDENET_MOE) if experts else []),
+    )
+
+
+@preset
+def albert_base() -> RunConfig:
+    """ALBERT-base: 12 x 768, every layer shared (attention, FFN 3072, norms), embedding 128; masked-LM + order."""
+    return _albert("widenet")
+
+
+@preset
+def bert_base() -> RunConfig:
+    """BERT-base with ALBERT's factorized embedding (128): 12 unshared blocks x 768, FFN 3072; the paper's baseline."""
+    return replace(_albert("gpt"), model=dict(share_norms=False, hidden_dropout=0.1, attention_dropout=0.1))
+
+
+@preset
+def widenet_mlm_4e() -> RunConfig:
+    """WideNet (NLP), 4 experts: albert_base's shape, one shared MoE of 4 x 3072 top-2, a LayerNorm pair per block."""
+    return _albert("widenet", 4)
+
+
+@preset
+def widenet_mlm_8e() -> RunConfig:
+    """WideNet (NLP), 8 experts: albert_base's shape, one shared MoE of 8 x 3072 top-2, a LayerNorm pair per block."""
+    return _albert("widenet", 8)
+
+
+@preset
+def widenet_mlm_16e() -> RunConfig:
+    """WideNet (NLP), 16 experts: albert_base's shape, one shared MoE of 16 x 3072 top-2, per-block LayerNorms."""
+    return _albert("widenet", 16)
+
+
+@preset
+def widenet_finetune_smoke() -> RunConfig:
+    """Fine-tune widenet_mlm_smoke's shape on the embedded task: which of 4 parts of the Bible a verse comes from."""
+    cfg = widenet_mlm_smoke()
+    return replace(
+        cfg,
+        model=dict(task="classification"),  # num_labels is derived from data.labels
+        data=dict(train_data=f"{EMBEDDED_MLM}/verse_source/train.tsv", valid_data=f"{EMBEDDED_MLM}/verse_source/dev.tsv",
+                  text_columns=["sentence"], label_column="label", labels=list(VERSE_LABELS), metric="accuracy"),
+        train=dict(micro_batch_size=32, global_batch_size=64, train_iters=150, lr=1e-3, min_lr=1e-4, warmup_iters=15,
+                   weight_decay=0.01, eval_interval=0, log_interval=10),
+    )
+
+
+@preset
+def widenet_vit_smoke() -> RunConfig:
+    """WideNet ViT, 4 blocks x 64 sharing a 4-expert MoE, on scikit-learn's 8 x 8 digits (patches of 2): CPU."""
+    cfg = widenet_smoke()
+    return replace(
+        cfg,
+        model=dict(task="image_classification", num_layers=4, hidden_size=64, num_attention_heads=4,
+                   moe_ffn_hidden_size=256, image_size=8, patch_size=2, num_channels=1, num_labels=10,
+                   position_embedding="learned_absolute", tie_embeddings=False),
+        data=dict(train_data=f"{EMBEDDED_DIGITS}/train", valid_data=f"{EMBEDDED_DIGITS}/val", image_crop_scale=0.7,
+                  image_flip=False, randaugment_ops=0, mixup_alpha=0.0, label_smoothing=0.0),
+        train=dict(micro_batch_size=32, global_batch_size=64, train_iters=200, lr=2e-3, min_lr=1e-4, warmup_iters=10,
+                   weight_decay=0.05, eval_interval=0, log_interval=20),
+    )
+
+
+def _vit(arch: str, layers: int, width: int, heads: int, expert_ffn: int, moe_every: int = 1) -> RunConfig:
+    """The official WideNet ImageNet recipe (widenet/train.py, submit_tpu.sh): 224 pixels, patches of 16, 1000
+    classes, dropout 0.1, 300 epochs of 4096 images (93,900 steps; 9,390 warmup = 30 epochs), weight decay 0.1, beta2
+    0.999, gradient clip 1, linear decay to 1e-5, label smoothing 0.1, mixup 0.5, RandAugment 2 / 15, the Inception
+    crop. AdamW at 3e-3 where the official run uses LAMB at 0.01 (wider.optim has AdamW only)."""
+    cfg = widenet_vit_smoke()
+    moe = (dict(num_experts=4, moe_top_k=2, moe_ffn_hidden_size=expert_ffn, moe_layer_freq=moe_every,
+                router_noise="inverse_experts", router_renormalize=False) if arch != "gpt" else
+           dict(num_experts=0, moe_ffn_hidden_size=None))
+    return replace(
+        cfg,
+        model=dict(arch=arch, num_layers=layers, hidden_size=width, num_attention_heads=heads, ffn_hidden_size=4 * width,
+                   image_size=224, patch_size=16, num_channels=3, num_labels=1000, hidden_dropout=0.1, **moe),
+        data=dict(train_data="data/imagenet/train", valid_data="data/imagenet/val", image_crop_scale=0.05,
+                  image_flip=True, randaugment_ops=2, randaugment_magnitude=15.0, mixup_alpha=0.5, label_smoothing=0.1),
+        train=dict(micro_batch_size=64, global_batch_size=4096, train_iters=93900, lr=3e-3, min_lr=1e-5,
+                   warmup_iters=9390, lr_decay_style="linear", weight_decay=0.1, adam_beta2=0.999, clip_grad=1.0,
+                   eval_interval=3130, eval_iters=10, log_interval=10, save_interval=3130,
+                   ds_config="ds_configs/moe_zero1_bf16.json" if arch != "gpt" else "ds_configs/zero1_bf16.json",
+                   ds_set=list(WIDENET_MOE) if arch != "gpt" else []),
+    )
+
+
+@preset
+def vit_b16() -> RunConfig:
+    """ViT-B/16: 12 unshared blocks x 768, 12 heads, FFN 3072, at 224 pixels, 1000 classes; the official recipe."""
+    return _vit("gpt", 12, 768, 12, 0)
+
+
+@preset
+def vit_moe_b16() -> RunConfig:
+    """ViT-MoE-B/16: ViT-B/16 with an MoE of 4 x 4096 top-2 in blocks 6 and 12 (the paper's 128M; see DESIGN 5.8)."""
+    # Placement: the paper's 128M (ViT-MoE-B) and 406M (ViT-MoE-L) are ViT-B / ViT-L plus 2 / 4 MoE layers of 4 x 4096
+    # experts, i.e. one MoE layer per six blocks (the official modeling.py's "switch_deepth" places them in the last
+    # blocks; the count is the same). V-MoE's every-other-block layout (--moe-layer-freq 2) holds 207M.
+    return _vit("gpt_moe", 12, 768, 12, 4096, moe_every=6)
+
+
+@preset
+def widenet_vit_b16() -> RunConfig:
+    """WideNet-B/16: 12 blocks x 768 sharing one attention and one MoE of 4 x 4096 top-2, a LayerNorm pair per block."""
+    return _vit("widenet", 12, 768, 12, 4096)
+
+
+@preset
+def widenet_vit_l16() -> RunConfig:
+    """WideNet-L/16: 24 blocks x 1024, 16 heads, sharing one attention and one MoE of 4 x 4096 top-2."""
+    return _vit("widenet", 24, 1024, 16, 4096)
+
+
+@preset
+def widenet_vit_h16() -> RunConfig:
+    """WideNet-H/16: 32 blocks x 1280, 16 heads, sharing one attention and one MoE of 4 x 5120 top-2, ZeRO-2."""
+    return replace(_vit("widenet", 32, 1280, 16, 5120), train=dict(ds_config="ds_configs/moe_zero2_bf16.json"))

@@ -12,13 +12,18 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Optional
 
 
-def main(arch: str, doc: str, argv=None) -> int:
+def main(arch: Optional[str], doc: str, argv=None, task: str = "causal_lm") -> int:
+    """arch: the architecture a language-model recipe trains (recipes/pretrain_<arch>.py); None for the recipes of the
+    other tasks (DESIGN 5.8), which train `task` on any architecture that has encoder blocks."""
     quiet_libraries()  # before anything imports megatron-core, which warns at import time
     from wider import cli, presets
+    from wider.tasks import DEFAULT_PRESETS
 
-    cfg = cli.parse(argv, description=doc, default_preset=presets.default_for(arch), arch=arch)
+    default = presets.default_for(arch) if arch is not None else DEFAULT_PRESETS[task]
+    cfg = cli.parse(argv, description=doc, default_preset=default, arch=arch, task=task)
     import patches
 
     patches.apply_defaults()

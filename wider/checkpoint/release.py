@@ -5,7 +5,8 @@
                            [E, ...] as the ep_size-1 model holds them (from the fp32 master weights)
       config.json          the resolved RunConfig (preset, model, data, train) plus "moe": the resolved ds_config
                            "moe" block at ep_size 1 (null for a dense model): enough to rebuild the model exactly
-      tokenizer.model      the SentencePiece model the run trained with (+ tokenizer.json, its metadata, if present)
+      tokenizer.model      the SentencePiece model the run trained with (+ tokenizer.json, its metadata, if present);
+                           none for a task without text (image classification, wider.config.tokenized)
       metadata.json        format, step, source checkpoint, dtype, parameter counts, the training layout
       README.md            the same for people, with the line that loads it
       optimizer.safetensors, trainer_state.json   only with --with-optimizer: Adam exp_avg / exp_avg_sq by
@@ -51,13 +52,16 @@ def read_release(path: str) -> dict:
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path!r}: metadata.json says format {meta.get('format')!r} version "
                               f"{meta.get('format_version')!r}; this wider reads {FORMAT!r} version {FORMAT_VERSION}")
-    for name in (CONFIG, TOKENIZER):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise CheckpointError(f"release {path!r} lacks {name}; export it again with recipes/export.py")
+    from wider.config import tokenized
+
+    if not os.path.isfile(os.path.join(path, CONFIG)):
+        raise CheckpointError(f"release {path!r} lacks {CONFIG}; export it again with recipes/export.py")
     with open(os.path.join(path, CONFIG)) as f:
         d = json.load(f)
     moe_block = d.pop("moe", None)
     cfg = RunConfig.from_dict(d)
+    if tokenized(cfg.model) and not os.path.isfile(os.path.join(path, TOKENIZER)):
+        raise CheckpointError(f"release {path!r} lacks {TOKENIZER}; export it again with recipes/export.py")
     cfg.data.tokenizer = os.path.join(path, TOKENIZER)
     moe = MoESettings.from_block(moe_block, f"release {path!r} config.json") if moe_block is not None else None
     return {"meta": meta, "config": cfg, "moe": moe}
@@ -69,6 +73,7 @@ def export(source: str, out_dir: str, dtype: str = "fp32", force: bool = False, 
     directory at out_dir. Returns out_dir. Refuses an existing out_dir unless force."""
     from safetensors.torch import save_file
 
+    from wider.config import tokenized
     from wider.data import model_vocab_size
     from wider.models import ARCHITECTURES
 
@@ -82,9 +87,10 @@ def export(source: str, out_dir: str, dtype: str = "fp32", force: bool = False, 
     check_output(out_dir, ckpt, force)
     info = inspect(ckpt)
     cfg = run_config_of(info)
-    tok = tokenizer_for(run_tokenizer_candidates(ckpt, cfg), info.client, f"checkpoint {ckpt!r}")
+    tok = (tokenizer_for(run_tokenizer_candidates(ckpt, cfg), info.client, f"checkpoint {ckpt!r}")
+           if tokenized(cfg.model) else None)
     moe = moe_block(info, ep_size=1)
-    vocab = model_vocab_size(cfg.model, tok.vocab_size)
+    vocab = model_vocab_size(cfg.model, tok.vocab_size) if tok is not None else 0
     log(f"export: {ckpt} (step {info.step}, dp {info.dp}, ep_size {info.ep_size}, ZeRO {info.zero_stage}, "
         f"{'bf16' if info.bf16 else 'fp32'}) -> {out_dir} ({dtype})")
     cons = consolidate(ckpt, optimizer=with_optimizer, info=info, progress=progress)
@@ -104,17 +110,18 @@ def export(source: str, out_dir: str, dtype: str = "fp32", force: bool = False, 
         config = cfg.to_dict()
         config["moe"] = dataclasses.asdict(moe) if moe is not None else None
         atomic_write_json(os.path.join(tmp, CONFIG), config)
-        shutil.copyfile(tok.path, os.path.join(tmp, TOKENIZER))
-        tok_meta = os.path.splitext(tok.path)[0] + ".json"  # data_prep/train_tokenizer.py writes PREFIX.json
-        if os.path.isfile(tok_meta):
-            shutil.copyfile(tok_meta, os.path.join(tmp, TOKENIZER_META))
+        if tok is not None:
+            shutil.copyfile(tok.path, os.path.join(tmp, TOKENIZER))
+            tok_meta = os.path.splitext(tok.path)[0] + ".json"  # data_prep/train_tokenizer.py writes PREFIX.json
+            if os.path.isfile(tok_meta):
+                shutil.copyfile(tok_meta, os.path.join(tmp, TOKENIZER_META))
         params = dict(model.named_parameters())
         stored = sum(t.numel() for n, t in tensors.items() if n in params)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": info.step, "source": ckpt,
                 "dtype": dtype, "arch": cfg.model.arch, "preset": cfg.preset,
                 "parameters": {"total": counts.total, "active": counts.active, "embedding": counts.embedding,
                                "non_embedding": counts.non_embedding, "stored": stored},
-                "vocab_size": vocab, **tok.record(), "trained_layout": info.layout(),
+                "vocab_size": vocab, **(tok.record() if tok is not None else {}), "trained_layout": info.layout(),
                 "with_optimizer": with_optimizer, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "versions": _versions()}
         atomic_write_json(os.path.join(tmp, METADATA), meta)
@@ -217,7 +224,8 @@ def _readme(meta: dict, cfg, moe: Optional[object]) -> str:
         f"- model: {m.num_layers} layers x {m.hidden_size}, {m.num_attention_heads} heads, seq {m.seq_length}, "
         f"vocabulary {meta['vocab_size']}" + (f", {m.num_experts} experts top-{m.moe_top_k}" if m.num_experts else ""),
         f"- config: `{CONFIG}` (the run config and the \"moe\" block{' at ep_size 1' if moe is not None else ''})",
-        f"- tokenizer: `{TOKENIZER}` (content id {meta['tokenizer_id'][:16]}...)",
+        f"- tokenizer: `{TOKENIZER}` (content id {meta['tokenizer_id'][:16]}...)" if meta.get("tokenizer_id") else
+        "- tokenizer: none (the task reads no text)",
         f"- source: `{meta['source']}`, trained with {json.dumps(meta['trained_layout'])}",
         f"- created {meta['created']} with {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
     ]

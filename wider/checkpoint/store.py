@@ -244,6 +244,10 @@ def check_compatible(cfg, info, tokenizer) -> None:
     saved = (info.client.get("config") or {}).get("model")
     if saved is not None:
         saved, now = RunConfig.from_dict({"model": saved}).to_dict()["model"], cfg.to_dict()["model"]
+        if saved["task"] != now["task"]:  # DESIGN 5.8: a pretrained checkpoint starts a fine-tuning run, not resumes it
+            raise ConfigError(f"checkpoint {info.path!r} is a checkpoint of task {saved['task']!r}, and this run trains "
+                              f"model.task {now['task']!r}: it cannot be resumed; to start from its weights give "
+                              f"--init-from {info.path} (and a fresh --run-dir)")
         differ = sorted(k for k in now if saved.get(k) != now[k])
         if differ:
             shown = ", ".join(f"model.{k} {saved.get(k)!r} (now {now[k]!r})" for k in differ[:4])
@@ -251,7 +255,7 @@ def check_compatible(cfg, info, tokenizer) -> None:
                               f"{' ...' if len(differ) > 4 else ''}; resume with the run's own config (--config "
                               f"{os.path.join(os.path.dirname(os.path.dirname(info.path)), 'config.json')}) or start "
                               "a new run elsewhere with --run-dir")
-    if not tokenizer.matches(info.client):
+    if tokenizer is not None and not tokenizer.matches(info.client):
         raise ConfigError(f"checkpoint {info.path!r} was trained with another tokenizer than {tokenizer.path} (other "
                           "pieces); resume with the run's own tokenizer (its copy: RUN_DIR/tokenizer.model)")
 

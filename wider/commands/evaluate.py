@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MoE: compute every routed assignment (no capacity). Default: the run's "
                         "moe.eval_capacity_factor, as its training-time evaluation, which makes MoE scores "
                         "depend on how requests are batched")
+    g.add_argument("--ec-routing", default=None, choices=["position", "token_choice", "train"],
+                   help="expert-choice models (model.moe_router expert_choice) only: how their MoE layers route "
+                        "here. position: per-position groups over each scored batch (no future token); token_choice: "
+                        "each token its top-k experts of the same scores (no other token); train: the training "
+                        "groups (moe.ec_group; sees later tokens, for measuring the gap). Default: the run's "
+                        "moe.ec_eval_routing (position unless set). The results name the routing used")
     o = common.add_argument_group("output")
     o.add_argument("--limit", type=int, default=None, metavar="N",
                    help="score only the first N items: documents (--text / --data-path), validation samples, "

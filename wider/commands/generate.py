@@ -122,7 +122,7 @@ def run(args) -> int:
     from wider.models import ARCHITECTURES
 
     try:
-        loaded = load_for_inference(args.checkpoint, device=str(device), dtype=dtype)
+        loaded = load_for_inference(args.checkpoint, device=str(device), dtype=dtype, task="causal_lm")
     except (CheckpointError, ConfigError, DataError, OSError, ValueError) as e:
         return fail(f"--checkpoint {args.checkpoint}: {e}")
     cfg, tok = loaded.config, loaded.tokenizer

@@ -23,6 +23,7 @@ import torch
 from wider.devices import DeviceError, dtype_name, resolve_device, resolve_dtype
 from wider.eval.scoring import EvalError, Scorer
 from wider.eval.session import header, load, make_scorer, moe_mode, output_dir_for
+from wider.moe.layer import model_routing
 from wider.files import atomic_write_json
 
 
@@ -67,7 +68,8 @@ def record(out_dir: str, name: str, kind: str, loaded, metrics: dict, settings: 
 
 def _settings(a, scorer: Scorer, dtype: torch.dtype, loaded, **extra) -> dict:
     return {"device": str(scorer.device), "dtype": dtype_name(dtype), "batch_size": scorer.batch_size,
-            "limit": a.limit, "moe": moe_mode(loaded), **extra}
+            "limit": a.limit, "moe": moe_mode(loaded), **({"routing": routing} if (routing := model_routing(
+                loaded.model)) else {}), **extra}
 
 
 def _dataset_name(path: str) -> str:
@@ -93,7 +95,7 @@ def perplexity(a) -> int:
     if (a.data_path or a.text) and (a.data_parallel is not None or a.index_cache is not None):
         raise EvalError("--data-parallel and --index-cache apply to the run's validation split only; drop them with "
                         "--text / --data-path")
-    loaded = load(a.checkpoint, device, dtype, a.dropless)
+    loaded = load(a.checkpoint, device, dtype, a.dropless, a.ec_routing)
     scorer = make_scorer(loaded, device, a.batch_size, not a.no_progress)
     out_dir = a.output_dir or output_dir_for(a.checkpoint)
     print(header(loaded, scorer, dtype), flush=True)
@@ -143,7 +145,7 @@ def tasks(a) -> int:
     built = {n: T.build(n, paths[n], a.limit) for n in names}  # every file read and checked before loading
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
-    loaded = load(a.checkpoint, device, dtype, a.dropless)
+    loaded = load(a.checkpoint, device, dtype, a.dropless, a.ec_routing)
     scorer = make_scorer(loaded, device, a.batch_size, not a.no_progress)
     lm = WiderLM.from_loaded(loaded, scorer, device, progress=not a.no_progress)
     out_dir = a.output_dir or output_dir_for(a.checkpoint)

@@ -29,14 +29,19 @@ import torch.nn.functional as F
 
 
 def attend(q_BHSC: torch.Tensor, k_BHLC: torch.Tensor, v_BHLC: torch.Tensor, scale: float,
-           hide: Optional[torch.Tensor] = None, dropout_p: float = 0.0, enable_gqa: bool = False) -> torch.Tensor:
+           hide: Optional[torch.Tensor] = None, dropout_p: float = 0.0, enable_gqa: bool = False,
+           causal: bool = True) -> torch.Tensor:
     """Causal softmax attention [B, H, S, C] of S queries that are the LAST S of the L key positions.
 
-    hide: None = causal; else megatron's boolean mask broadcastable to [B, H, S, L] (True = masked out)."""
+    hide: None = causal; else megatron's boolean mask broadcastable to [B, H, S, L] (True = masked out).
+    causal False (bidirectional encoders): every query sees every key that `hide` (a padding mask) leaves."""
     S, L = q_BHSC.shape[2], k_BHLC.shape[2]
     if hide is not None:  # megatron masks mark positions to hide; SDPA's boolean mask marks positions to keep
         return F.scaled_dot_product_attention(q_BHSC, k_BHLC, v_BHLC, attn_mask=~hide.to(torch.bool),
                                               dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
+    if not causal:
+        return F.scaled_dot_product_attention(q_BHSC, k_BHLC, v_BHLC, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=enable_gqa)
     if S == L:
         return F.scaled_dot_product_attention(q_BHSC, k_BHLC, v_BHLC, dropout_p=dropout_p, is_causal=True,
                                               scale=scale, enable_gqa=enable_gqa)

@@ -34,13 +34,14 @@ class MoEMLP(torch.nn.Module):
     shard. The MoE's statistics name their router moe_config.router_name (UMoE: "ffn", so that its FFN routing and its
     attention routing over the same experts show separately)."""
 
-    def __init__(self, config, moe_config: MoEConfig, shared_spec=None, shared_ffn_size: int = 0):
+    def __init__(self, config, moe_config: MoEConfig, shared_spec=None, shared_ffn_size: int = 0,
+                 shared_bias: bool = True):
         super().__init__()
         self.config = config
         from wider.moe.layer import MoE
 
         self.moe = MoE(moe_config)
-        self.shared_ffn = dense_ffn(config, shared_spec, shared_ffn_size) if shared_ffn_size else None
+        self.shared_ffn = dense_ffn(config, shared_spec, shared_ffn_size, shared_bias) if shared_ffn_size else None
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **_):
         out, _aux, _counts = self.moe(hidden_states)
@@ -50,14 +51,17 @@ class MoEMLP(torch.nn.Module):
         return out, None
 
 
-def dense_ffn(config, mlp_spec, width: int):
+def dense_ffn(config, mlp_spec, width: int, bias: bool = True):
     """A megatron-core MLP of the given inner width from the dense layer's MLP spec (a shared expert). megatron's MLP
     sizes fc1 from its ffn_hidden_size argument but fc2 from config.ffn_hidden_size, so it gets a copy of the config
-    with that width (a shallow copy: the TransformerConfig's derived fields stay as they are)."""
+    with that width (a shallow copy: the TransformerConfig's derived fields stay as they are). bias False: no biases
+    whatever the model's add_bias_linear (gpt_moe / widenet shared experts are experts: bias-free)."""
     from megatron.core.transformer.spec_utils import build_module
 
     narrow = copy.copy(config)
     narrow.ffn_hidden_size = width
+    if not bias:
+        narrow.add_bias_linear = False
     return build_module(mlp_spec, config=narrow, ffn_hidden_size=width)
 
 
@@ -67,15 +71,22 @@ def moe_config(m: ModelConfig, runtime: MoERuntime, label: str, shared: bool = F
     return MoEConfig.of(runtime, **{**dict(
         hidden_size=m.hidden_size, num_experts=m.num_experts, top_k=m.moe_top_k, ffn_size=m.expert_ffn_size,
         activation=m.activation, noise_std=noise, renormalize=m.router_renormalize, init_std=m.init_method_std,
-        output_std=scaled_output_std(m.init_method_std, m.num_layers), label=label, shared=shared), **overrides})
+        output_std=scaled_output_std(m.init_method_std, m.num_layers), label=label, shared=shared,
+        selection=m.moe_router, score=m.router_score, ec_softmax_over=m.ec_softmax_over,
+        selection_bias=m.router_bias), **overrides})
 
 
 def moe_layer_spec(m: ModelConfig, runtime: MoERuntime, label: str, shared: bool = False):
-    """The dense layer spec with the MLP slot holding an MoE."""
+    """The dense layer spec with the MLP slot holding an MoE (and model.shared_experts always-on experts beside it,
+    one dense FFN of their summed width built from the dense MLP spec)."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     spec = copy.deepcopy(gpt_layer_spec(m))
-    spec.submodules.mlp = ModuleSpec(module=MoEMLP, params={"moe_config": moe_config(m, runtime, label, shared)})
+    params = {"moe_config": moe_config(m, runtime, label, shared)}
+    if m.shared_experts:
+        params.update(shared_spec=gpt_layer_spec(m).submodules.mlp, shared_ffn_size=m.shared_experts * m.expert_ffn_size,
+                      shared_bias=False)
+    spec.submodules.mlp = ModuleSpec(module=MoEMLP, params=params)
     return spec
 
 
@@ -103,6 +114,14 @@ class _DropUnknownMlpWarning(logging.Filter):
 
 
 _MLP_FILTER = _DropUnknownMlpWarning()
+
+
+def quiet_unknown_mlp_type() -> None:
+    """Install the filter above once (gpt_model does it for the language models; wider.models.blocks for the encoder
+    stacks of the other tasks)."""
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if _MLP_FILTER not in layer_logger.filters:
+        layer_logger.addFilter(_MLP_FILTER)
 
 
 def gpt_model(cfg: RunConfig, vocab_size: int, bf16: bool, layer_specs):
@@ -138,9 +157,14 @@ def expert_params(m: ModelConfig) -> int:
 
 
 def moe_params(m: ModelConfig) -> tuple[int, int]:
-    """(all parameters of one MoE layer, the parameters one token applies in it): router + experts."""
+    """(all parameters of one MoE layer, the parameters one token applies in it): router + routed experts (a token
+    applies top-k of them; under expert choice, k on average) + the shared experts (dense, every token) + expert
+    choice's output LayerNorm."""
     router = m.hidden_size * m.num_experts
-    return router + m.num_experts * expert_params(m), router + m.moe_top_k * expert_params(m)
+    dense = router + m.shared_experts * expert_params(m)
+    if m.moe_router == "expert_choice":
+        dense += 2 * m.hidden_size
+    return dense + m.num_experts * expert_params(m), dense + m.moe_top_k * expert_params(m)
 
 
 def count_gpt_moe(cfg: RunConfig, vocab_size: int) -> ParamCount:
@@ -168,10 +192,11 @@ def fine_grained_terms(m: ModelConfig, n_moe_blocks: int) -> dict:
     """G = d_ff / d_expert and E = all experts' parameters / the dense FFN's, and the paper's FLOPs per token
     (which, unlike 6 * N_active, charges routing by the number of experts)."""
     G = m.ffn_size / m.expert_ffn_size
-    E = m.num_experts * m.expert_ffn_size / m.ffn_size
+    # Shared experts are experts too (DeepSeekMoE): they count in the expansion rate, not in the router's width.
+    E = (m.num_experts + m.shared_experts) * m.expert_ffn_size / m.ffn_size
     d = m.hidden_size
     dense_blocks = m.num_layers - n_moe_blocks
-    routing = d * E * G * C_R * n_moe_blocks
+    routing = d * m.num_experts * C_R * n_moe_blocks  # = d E G c_r without shared experts
     paper = 12 * d * d * C_F * m.num_layers + routing
     return {"granularity": G, "expansion_rate": E, "paper_flops_per_token": paper,
             "routing_flops_per_token": routing, "routing_share": routing / paper,
@@ -194,9 +219,40 @@ def validate_moe_common(cfg: RunConfig, world_size: Optional[int]) -> None:
         f"model.moe_ffn_hidden_size must be positive or None, got {m.moe_ffn_hidden_size!r}")
     req(m.router_noise in ("none", "inverse_experts"),
         f"model.router_noise {m.router_noise!r} is invalid; use 'none' or 'inverse_experts'")
+    req(m.moe_router in ("token_choice", "expert_choice"),
+        f"model.moe_router {m.moe_router!r} is invalid; use 'token_choice' or 'expert_choice'")
+    req(m.router_score in ("softmax", "sigmoid"),
+        f"model.router_score {m.router_score!r} is invalid; use 'softmax' or 'sigmoid'")
+    req(m.ec_softmax_over in ("experts", "tokens"),
+        f"model.ec_softmax_over {m.ec_softmax_over!r} is invalid; use 'experts' or 'tokens'")
+    req(isinstance(m.router_bias, bool), f"model.router_bias must be true or false, got {m.router_bias!r}")
+    req(isinstance(m.shared_experts, int) and not isinstance(m.shared_experts, bool) and m.shared_experts >= 0,
+        f"model.shared_experts must be an integer >= 0, got {m.shared_experts!r}")
+    if m.moe_router == "expert_choice":
+        bad = [f"--{flag} {v}" for flag, v, off in (("router-noise", m.router_noise, "none"),
+                                                    ("router-renormalize", m.router_renormalize, False),
+                                                    ("router-bias", m.router_bias, False),
+                                                    ("router-score", m.router_score, "softmax")) if v != off]
+        req(not bad, f"model.moe_router 'expert_choice' does not take {', '.join(bad)}: these are token-choice "
+                     "settings (each expert takes its tokens by softmax score, the weights are those scores, and the "
+                     "experts are balanced by construction); drop them")
+    elif m.ec_softmax_over != "experts":
+        raise ConfigError(f"model.ec_softmax_over {m.ec_softmax_over!r} applies to expert choice only; add "
+                          "--moe-router expert_choice or drop it")
     req(t.tensor_parallel == 1,
         f"train.tensor_parallel {t.tensor_parallel}: wider's expert layers are not tensor-parallel; scale MoE "
         "models with expert parallelism (moe.ep_size in the ds_config) and ZeRO instead")
+
+
+def require_own_routing(m: ModelConfig, why: str) -> None:
+    """Architectures whose papers define their own routers (MoEUT's sigma-MoE, UMoE's banks) refuse the gpt_moe /
+    widenet routing switches rather than ignore them."""
+    changed = [f"--{flag} {v}" for flag, v, off in (("moe-router", m.moe_router, "token_choice"),
+                                                    ("router-score", m.router_score, "softmax"),
+                                                    ("router-bias", m.router_bias, False)) if v != off]
+    if changed:
+        raise ConfigError(f"model.arch {m.arch!r} routes as its paper does ({why}); {', '.join(changed)} applies to "
+                          "gpt_moe and widenet only: drop it")
 
 
 def validate_gpt_moe(cfg: RunConfig, world_size: Optional[int]) -> None:

@@ -193,6 +193,11 @@ def validate_moeut(cfg: RunConfig, world_size: Optional[int]) -> None:
 
     validate_moe_common(cfg, world_size)
     m, d = cfg.model, cfg.data
+    from wider.models.gpt_moe import require_own_routing
+
+    require_own_routing(m, "sigma-MoE's sigmoid router and its entropy regulariser")
+    if m.shared_experts:
+        raise ConfigError(f"model.shared_experts {m.shared_experts}: MoEUT has no shared experts; drop it")
 
     def req(ok: bool, msg: str) -> None:
         if not ok:

@@ -271,8 +271,9 @@ def validate_umoe(cfg: RunConfig, world_size: Optional[int]) -> None:
     req(m.umoe_mode in MODES, f"model.umoe_mode {m.umoe_mode!r} is invalid; use one of {', '.join(MODES)}")
     req(m.activation != "swiglu", "model.activation 'swiglu': UMoE's experts are two-matrix FFNs; use 'silu' (the "
                                   "paper's), 'gelu' or 'relu'")
-    req(isinstance(m.shared_experts, int) and m.shared_experts >= 0,
-        f"model.shared_experts must be an integer >= 0, got {m.shared_experts!r}")
+    from wider.models.gpt_moe import require_own_routing
+
+    require_own_routing(m, "token-choice softmax routers over one expert bank, with a sequence-level balance loss")
     if has_premix(m):
         req(isinstance(m.attention_top_k, int) and 1 <= m.attention_top_k <= m.num_experts,
             f"model.attention_top_k {m.attention_top_k!r} must be in [1, num_experts={m.num_experts}] (experts each "

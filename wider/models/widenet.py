@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 
 from wider.config import ConfigError, RunConfig
-from wider.models.gpt import ParamCount, norm_params, attention_params, embedding_params, padded_vocab_size
+from wider.models.gpt import (ParamCount, attention_params, embedding_params, ffn_params, norm_params,
+                              padded_vocab_size)
 from wider.models.gpt_moe import gpt_model, moe_layer_spec, moe_params, validate_moe_common
 from wider.moe.config import MoERuntime
 
@@ -81,11 +82,15 @@ def point_at_shared(layer: torch.nn.Module, slot: str, module: torch.nn.Module) 
 
 
 def widenet_block_specs(cfg: RunConfig, runtime: MoERuntime):
+    """Block 1 from the MoE spec (the dense GPT spec when num_experts is 0: ALBERT's shared FFN), blocks 2..N with
+    empty attention and MLP slots that share_blocks fills."""
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+    from wider.models.gpt import gpt_layer_spec
+
     m = cfg.model
-    first = moe_layer_spec(m, runtime, "shared_moe", shared=True)
+    first = moe_layer_spec(m, runtime, "shared_moe", shared=True) if m.num_experts else gpt_layer_spec(m)
     rest = copy.deepcopy(first)
     rest.submodules.self_attention = IdentityOp  # filled with SharedRefs after construction
     rest.submodules.mlp = IdentityOp
@@ -93,16 +98,40 @@ def widenet_block_specs(cfg: RunConfig, runtime: MoERuntime):
                                       layer_norm=first.submodules.input_layernorm)
 
 
+def share_blocks(block: torch.nn.Module, m) -> None:
+    """WideNet's sharing on a built megatron TransformerBlock (the GPT decoder, the text encoder, the ViT: DESIGN
+    5.4, 5.8): block 1's attention and MLP (MoE, or ALBERT's dense FFN) move onto the block as `shared_attention` and
+    `shared_moe` / `shared_mlp`, and every block's slots point at them through SharedRefs. With m.share_norms
+    (ALBERT) the LayerNorm pair is shared the same way (`shared_input_norm`, `shared_mlp_norm`); otherwise each block
+    keeps its own pair (WideNet)."""
+    first = block.layers[0]
+    mlp_name = "shared_moe" if m.num_experts else "shared_mlp"
+    block.shared_attention = first.self_attention
+    setattr(block, mlp_name, first.mlp)
+    if m.share_norms:
+        block.shared_input_norm, block.shared_mlp_norm = first.input_layernorm, first.pre_mlp_layernorm
+    for layer in block.layers:
+        point_at_shared(layer, "self_attention", block.shared_attention)
+        point_at_shared(layer, "mlp", getattr(block, mlp_name))
+        if m.share_norms:
+            point_at_shared(layer, "input_layernorm", block.shared_input_norm)
+            point_at_shared(layer, "pre_mlp_layernorm", block.shared_mlp_norm)
+
+
 def build_widenet(cfg: RunConfig, vocab_size: int, bf16: bool = False, moe: Optional[MoERuntime] = None):
     model = gpt_model(cfg, vocab_size, bf16, widenet_block_specs(cfg, moe or MoERuntime()))
-    decoder = model.decoder
-    first = decoder.layers[0]
-    decoder.shared_attention = first.self_attention
-    decoder.shared_moe = first.mlp
-    for layer in decoder.layers:
-        point_at_shared(layer, "self_attention", decoder.shared_attention)
-        point_at_shared(layer, "mlp", decoder.shared_moe)
+    share_blocks(model.decoder, cfg.model)
     return model
+
+
+def widenet_blocks(cfg: RunConfig, moe: Optional[MoERuntime], bf16: bool = False):
+    """The encoder stack of the non-causal tasks (wider.models.encoder, wider.models.vit): the same specs, built
+    bidirectionally, with the same sharing."""
+    from wider.models.blocks import bidirectional_block
+
+    block = bidirectional_block(cfg, widenet_block_specs(cfg, moe or MoERuntime()), bf16)
+    share_blocks(block, cfg.model)
+    return block
 
 
 def count_widenet(cfg: RunConfig, vocab_size: int) -> ParamCount:
@@ -112,9 +141,11 @@ def count_widenet(cfg: RunConfig, vocab_size: int) -> ParamCount:
     m = cfg.model
     vocab = padded_vocab_size(vocab_size, m, cfg.train.tensor_parallel)
     emb = embedding_params(m, vocab)
-    moe_total, moe_active = moe_params(m)
+    # num_experts 0: ALBERT's one dense FFN (wider.models.gpt.ffn_params) in the MoE's place.
+    moe_total, moe_active = moe_params(m) if m.num_experts else (ffn_params(m), ffn_params(m))
     attn = attention_params(m)
-    total = emb + attn + moe_total + m.num_layers * 2 * norm_params(m) + norm_params(m)
+    norm_sets = 1 if m.share_norms else m.num_layers
+    total = emb + attn + moe_total + norm_sets * 2 * norm_params(m) + norm_params(m)
     active = emb + norm_params(m) + m.num_layers * (2 * norm_params(m) + attn + moe_active)
     return ParamCount(total=total, embedding=emb, active=active,
                       extra={"padded_vocab": vocab, "shared_attention_params": attn, "shared_moe_params": moe_total,
@@ -122,9 +153,13 @@ def count_widenet(cfg: RunConfig, vocab_size: int) -> ParamCount:
 
 
 def validate_widenet(cfg: RunConfig, world_size: Optional[int]) -> None:
-    from wider.models.gpt import validate_head_dim
+    """num_experts 0 is ALBERT (one dense FFN shared by every block, DESIGN 5.8); >= 1 WideNet's shared MoE."""
+    from wider.models.gpt import validate_gpt, validate_head_dim
 
-    validate_moe_common(cfg, world_size)
+    if cfg.model.num_experts == 0:
+        validate_gpt(cfg, world_size)
+    else:
+        validate_moe_common(cfg, world_size)
     validate_head_dim(cfg.model)
     if cfg.model.moe_layer_freq != 1:
         raise ConfigError(f"model.moe_layer_freq {cfg.model.moe_layer_freq}: WideNet shares one MoE across every "

@@ -18,6 +18,8 @@ from wider.moe.kernels import EXPERT_KERNELS, GATHER_KERNELS
 from wider.moe.settings import MoESettings
 
 ROUTERS = ("softmax", "sigmoid", "none")
+SELECTIONS = ("token_choice", "expert_choice")
+SCORES = ("softmax", "sigmoid")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")  # silu: not gated (UMoE's experts); swiglu: gated
 
 
@@ -75,7 +77,15 @@ class MoEConfig:
     runs in the input (megatron's [s, b, h]: 0), for the sequence-level losses. Init: N(0, init_std) for the first
     matrix and the router, N(0, output_std) for the second (default init_std). label / shared: how the statistics
     name the calls (a shared layer reports per call: block00, block01, ...); router_name: the CallRecord.router of
-    forward()'s records (UMoE's FFN routing: 'ffn')."""
+    forward()'s records (UMoE's FFN routing: 'ffn').
+
+    The softmax router kind also chooses how tokens meet experts: selection 'token_choice' (each token its top-k
+    experts) or 'expert_choice' (Zhou et al. 2022 as llm-random trains it: each expert takes the tokens it scores
+    highest within a routing group, settings.ec_group, up to capacity_factor x group x k / E; ec_softmax_over
+    'experts' or 'tokens'; a LayerNorm on the layer's output); score 'softmax' or 'sigmoid' (DeepSeek-V3's
+    affinities; weights renormalised over the chosen experts when renormalize); selection_bias: DeepSeek-V3's
+    auxiliary-loss-free balancing, a per-expert bias added to the scores for the top-k choice only, moved by
+    settings.bias_update_speed after every optimizer step (wider.moe.stats.update_selection_biases)."""
 
     hidden_size: int
     num_experts: int
@@ -92,6 +102,10 @@ class MoEConfig:
     label: str = "moe"
     shared: bool = False
     router_name: str = ""
+    selection: str = "token_choice"
+    score: str = "softmax"
+    ec_softmax_over: str = "experts"
+    selection_bias: bool = False
     settings: MoESettings = field(default_factory=MoESettings)
     kernels: Kernels = field(default_factory=Kernels)
     groups: ExpertGroups = field(default_factory=ExpertGroups)
@@ -126,6 +140,34 @@ class MoEConfig:
         if self.router == "sigmoid" and (self.noise_std or self.renormalize):
             raise ValueError(f"router 'sigmoid' takes no noise and no renormalisation (got noise_std {self.noise_std}, "
                              f"renormalize {self.renormalize}); sigma-MoE uses the raw sigmoid gates: pass 0 / False")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection {self.selection!r} is not one of {SELECTIONS}")
+        if self.score not in SCORES:
+            raise ValueError(f"score {self.score!r} is not one of {SCORES}")
+        if self.ec_softmax_over not in ("experts", "tokens"):
+            raise ValueError(f"ec_softmax_over {self.ec_softmax_over!r} is not 'experts' or 'tokens'")
+        plain = self.selection == "token_choice" and self.score == "softmax" and not self.selection_bias
+        if self.router != "softmax" and not plain:
+            raise ValueError(f"router {self.router!r} has its own routing: expert choice, sigmoid scores and the "
+                             "selection bias apply to the softmax router kind only (Switch / GLaM / WideNet / "
+                             "fine-grained MoE)")
+        if self.selection == "expert_choice":
+            bad = [f"{name} {v!r}" for name, v, off in (("noise_std", self.noise_std, 0.0),
+                                                        ("renormalize", self.renormalize, False),
+                                                        ("selection_bias", self.selection_bias, False),
+                                                        ("score", self.score, "softmax")) if v != off]
+            if bad:
+                raise ValueError(f"expert choice routing takes no {', '.join(bad)}: these are token-choice settings "
+                                 "(each expert takes its tokens by softmax score; weights are those scores). Use "
+                                 "router_noise 'none', router_renormalize false, router_bias false, router_score "
+                                 "'softmax'")
+            if self.ec_softmax_over == "tokens" and self.settings.ec_eval_routing == "token_choice":
+                raise ValueError("moe.ec_eval_routing 'token_choice' needs scores per token: with ec_softmax_over "
+                                 "'tokens' use ec_eval_routing 'position'")
+            if self.settings.capacity_factor_for(True) is None:
+                raise ValueError("expert choice routing needs a capacity (each expert takes capacity_factor x group "
+                                 "tokens x k / E of each group): set moe.capacity_factor (llm-random: 1.0) and "
+                                 "moe.drop_tokens true")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k {self.top_k} exceeds num_experts {self.num_experts}")
         ep = self.groups.ep_size
@@ -142,6 +184,23 @@ class MoEConfig:
     def dropless(self) -> "MoEConfig":
         """The same layer computing every routed assignment (no capacity), in training and evaluation."""
         return dataclasses.replace(self, settings=dataclasses.replace(self.settings, drop_tokens=False))
+
+    def with_eval_routing(self, mode: str) -> "MoEConfig":
+        """The same layer evaluated with moe.ec_eval_routing `mode` (expert choice; others unchanged)."""
+        if self.selection != "expert_choice":
+            return self
+        if mode == "token_choice":
+            return self.causal()
+        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, ec_eval_routing=mode))
+
+    def causal(self) -> "MoEConfig":
+        """The same layer routing each token by itself in evaluation (expert choice: token choice of the same
+        scores; token choice layers are unchanged): what generation needs, one token at a time."""
+        if self.selection == "expert_choice" and self.ec_softmax_over == "tokens":
+            raise ValueError("this expert-choice layer scores by a softmax over each group's tokens, which has no "
+                             "per-token counterpart: it cannot route one token at a time (generation). Train with "
+                             "model.ec_softmax_over 'experts' (llm-random's granularity runs) to generate")
+        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, ec_eval_routing="token_choice"))
 
     def eager(self) -> "MoEConfig":
         """The same layer with the router and plan not compiled (shapes that change every call: generation)."""

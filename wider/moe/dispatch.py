@@ -67,21 +67,30 @@ class Plan:
 
 
 def plan(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, cap: Optional[int],
-         gather: str = "auto") -> Plan:
+         gather: str = "auto", chosen_TK: Optional[torch.Tensor] = None) -> Plan:
     """Order the T*K assignments by expert (stable sorts, so the priority order holds inside an expert) and
     apply the capacity, without leaving the device. gather: the layer's Kernels.gather ('auto' | 'torch'), which
-    every row movement over this plan then uses."""
+    every row movement over this plan then uses. chosen_TK (bool, with cap None): only these slots are
+    assignments (expert choice gives tokens different numbers of experts); the others are planned as dropped."""
     T, K = expert_ids_TK.shape
     A = T * K
     dev = expert_ids_TK.device
     # Choice-major flattening: index a = choice * T + token, i.e. all first choices in token order, then
     # all second choices: exactly the capacity priority.
     ids_A = expert_ids_TK.t().reshape(-1)
+    if chosen_TK is not None:
+        if cap is not None:
+            raise ValueError("plan: chosen_TK (expert choice) comes with its own capacity; pass cap None")
+        ids_A = torch.where(chosen_TK.t().reshape(-1), ids_A, num_experts)  # sentinel E: after every expert
     # scatter_add, not bincount: bincount sizes its output from the data (a device-to-host sync on CUDA).
-    routed_E = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, ids_A, torch.ones_like(ids_A))
+    routed_E = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(
+        0, ids_A, torch.ones_like(ids_A))[:num_experts]
     sorted_ids_A, order_A = torch.sort(ids_A, stable=True)
     rows_A = torch.arange(A, device=dev)
-    if cap is None:
+    if cap is None and chosen_TK is not None:
+        counts_E = routed_E
+        live_A = rows_A < counts_E.sum()
+    elif cap is None:
         counts_E = routed_E
         live_A = torch.ones(A, dtype=torch.bool, device=dev)
     else:
@@ -102,7 +111,7 @@ def plan(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
     live_TK = live_flat.view(T, K)
     weight_TK = torch.where(live_TK, weights_TK, torch.zeros((), dtype=weights_TK.dtype, device=dev))
     return Plan(token_A=token_A, live_A=live_A, counts_E=counts_E, routed_E=routed_E,
-                dropless=cap is None, source_A=source_A, row_TK=row_TK, live_TK=live_TK, weight_TK=weight_TK,
+                dropless=cap is None and chosen_TK is None, source_A=source_A, row_TK=row_TK, live_TK=live_TK, weight_TK=weight_TK,
                 fused=fused_gathers(gather, dev))
 
 

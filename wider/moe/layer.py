@@ -25,6 +25,7 @@ for experts, presented by state-dict hooks over our stacked weights) and tag exp
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from typing import Callable, Iterator, Optional
 
@@ -36,8 +37,8 @@ from wider.moe import dispatch
 from wider.moe.config import MoEConfig
 from wider.moe.experts import GroupedExperts, init_expert_weights
 from wider.moe.records import CallRecord
-from wider.moe.router import (SigmoidTopKRouter, SoftmaxTopKRouter, router_entropy, sequence_balance_loss,
-                              sequence_entropy_loss, sequence_prob_sums)
+from wider.moe.router import (SigmoidTopKRouter, SoftmaxTopKRouter, route_expert_choice, router_entropy,
+                              sequence_balance_loss, sequence_entropy_loss, sequence_prob_sums)
 
 _EXPERT_KEY = re.compile(r"^deepspeed_experts\.(\d+)\.(w1|w2)$")
 # DeepSpeed's per-expert key names -> wider's stacked parameters (the checkpoint reader, wider.checkpoint.native,
@@ -46,11 +47,15 @@ STACKED_EXPERT_PARAMS = {"w1": "w1_LDF", "w2": "w2_LFD"}
 
 
 class _Core(nn.Module):
-    """The `deepspeed_moe` child: keeps DeepSpeed's key layout (gate.wg.weight, experts.deepspeed_experts.*)."""
+    """The `deepspeed_moe` child: keeps DeepSpeed's key layout (gate.wg.weight, experts.deepspeed_experts.*).
+    output_norm: expert choice's LayerNorm on the layer's output (llm-random's layer_norm_in_expert_choice), a
+    non-expert parameter (its key holds no "expert")."""
 
-    def __init__(self, gate: Optional[nn.Module], experts: GroupedExperts):
+    def __init__(self, gate: Optional[nn.Module], experts: GroupedExperts, output_norm: Optional[nn.Module] = None):
         super().__init__()
         self.gate, self.experts = gate, experts
+        if output_norm is not None:
+            self.output_norm = output_norm
 
 
 class MoE(_DeepSpeedMoE):
@@ -91,7 +96,8 @@ class MoE(_DeepSpeedMoE):
         if c.router == "sigmoid":
             gate = SigmoidTopKRouter(c.hidden_size, c.num_experts, c.top_k, c.init_std)
         elif c.router == "softmax":
-            gate = SoftmaxTopKRouter(c.hidden_size, c.num_experts, c.top_k, c.noise_std, c.renormalize, c.init_std)
+            gate = SoftmaxTopKRouter(c.hidden_size, c.num_experts, c.top_k, c.noise_std, c.renormalize, c.init_std,
+                                     c.score, c.selection_bias)
         else:  # "none": the callers bring their own routers (route(..., gate=...)) and call run_experts
             gate = None
         experts = GroupedExperts(self.num_local_experts, c.hidden_size, c.ffn_size, c.activation)
@@ -102,7 +108,11 @@ class MoE(_DeepSpeedMoE):
         for p in experts.parameters():  # as deepspeed.moe.experts.Experts tags them
             p.allreduce = False
             p.group_name = self.expert_group_name
-        self.deepspeed_moe = _Core(gate, experts)
+        self.deepspeed_moe = _Core(gate, experts,
+                                   nn.LayerNorm(c.hidden_size) if c.selection == "expert_choice" else None)
+        # Aux-loss-free balancing: each step's routed load, summed by wider.moe.stats.take over the step's forward
+        # passes in training, spent by update_selection_biases after the optimizer step.
+        self.pending_load_E: Optional[torch.Tensor] = None
         experts.register_state_dict_post_hook(_split_experts_hook)
         experts.register_load_state_dict_pre_hook(_stack_experts_hook)
         self._exchange = dispatch.ExpertExchange(groups.group, groups.ep_size, self.num_local_experts)
@@ -128,11 +138,21 @@ class MoE(_DeepSpeedMoE):
         if c.router == "sigmoid":
             losses = (f"entropy ffn {s.entropy_weight_ffn} attention {s.entropy_weight_attention} z "
                       f"{s.z_loss_weight}")
+        elif c.selection == "expert_choice":
+            losses = f"no balance loss (balanced by construction) z {s.z_loss_weight}"
         else:
             losses = f"aux {s.aux_loss_weight} z {s.z_loss_weight}"
+        if c.selection_bias:
+            losses += f" | aux-loss-free bias, speed {s.bias_update_speed}"
         kernel = self.deepspeed_moe.experts.kernel_name(device, dtype, c.kernels.expert)
-        return (f"moe: {c.num_experts} experts x {c.ffn_size} wide, top-{c.top_k}, {c.router} router | capacity "
-                f"factor {s.capacity_factor_for(True)} (eval {s.capacity_factor_for(False)}, min {s.min_capacity}) | "
+        if c.selection == "expert_choice":
+            how = (f"expert choice (softmax over {c.ec_softmax_over}, groups {s.ec_group}, capacity factor "
+                   f"{s.capacity_factor}, output LayerNorm; eval: {routing_description(c)})")
+        else:
+            how = (f"top-{c.top_k}, {c.router} router{' (sigmoid scores)' if c.score == 'sigmoid' else ''} | "
+                   f"capacity factor {s.capacity_factor_for(True)} (eval {s.capacity_factor_for(False)}, min "
+                   f"{s.min_capacity})")
+        return (f"moe: {c.num_experts} experts x {c.ffn_size} wide, {how} | "
                 f"{losses} | ep_size {self.ep_size} | expert kernel {kernel}"
                 f"{'' if kernel == 'grouped_mm' else ' (reference loop: grouped GEMM unavailable here)'} | gathers "
                 f"{'triton' if fused_gathers(c.kernels.gather, device) else 'torch'}")
@@ -145,10 +165,42 @@ class MoE(_DeepSpeedMoE):
                                "route(x, gate=...) and compute with run_experts(...)")
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, self.config.hidden_size)
-        routing, p = self.route(x_TD)
+        group = self.expert_choice_group(tuple(shape[:-1]))
+        if group is None:
+            routing, p = self.route(x_TD)
+        else:  # eager: the token-major view's width is known only after the choice (one host synchronisation)
+            c = self.config
+            gate = self.deepspeed_moe.gate
+            routing = route_expert_choice(x_TD, gate.wg.weight, c.top_k, c.settings.capacity_factor, group,
+                                          c.ec_softmax_over)
+            p = dispatch.plan(routing.expert_ids_TK, routing.weights_TK, self.num_experts, None, c.kernels.gather,
+                              chosen_TK=routing.live_TK)
         out_TD = self.run_experts(p, x_TD=x_TD)
         aux = self.record(routing, p, tuple(shape[:-1]), self.config.router_name)
+        if self.config.selection == "expert_choice":
+            out_TD = self.deepspeed_moe.output_norm(out_TD)
         return out_TD.reshape(shape), aux, p.routed_E
+
+    def expert_choice_group(self, token_shape: tuple) -> Optional[int]:
+        """The routing group (tokens) of an expert-choice call on tokens laid out as token_shape (the input's shape
+        without D); None when this call routes by token choice (token-choice layers; expert choice evaluated with
+        ec_eval_routing 'token_choice')."""
+        c, s = self.config, self.config.settings
+        if c.selection != "expert_choice":
+            return None
+        mode = s.ec_group if (self.training or s.ec_eval_routing == "train") else s.ec_eval_routing
+        T = math.prod(token_shape)
+        if mode == "token_choice":
+            return None
+        if mode == "batch":
+            return T
+        if mode == "position":
+            if len(token_shape) != 2 or c.seq_dim != 0:
+                raise ValueError(f"MoE {self.label!r}: expert choice with per-position groups needs tokens laid out "
+                                 f"[s, b] (megatron's order, seq_dim 0), got shape {token_shape} with seq_dim "
+                                 f"{c.seq_dim}; use moe.ec_group 'batch' or a token count")
+            return token_shape[1]
+        return int(mode)
 
     def route(self, x_TD: torch.Tensor, gate: Optional[nn.Module] = None) -> tuple:
         """(Routing, Plan) of the tokens x_TD by `gate` (default this layer's router; UMoE's attention brings its
@@ -157,6 +209,8 @@ class MoE(_DeepSpeedMoE):
         c = self.config
         cap = dispatch.capacity(x_TD.shape[0], gate.top_k, self.num_experts,
                                 c.settings.capacity_factor_for(self.training), c.settings.min_capacity)
+        if c.selection == "expert_choice":
+            cap = None  # token choice of an expert-choice model (causal evaluation): every choice computed
         route = _route_compiled if (c.kernels.compile_routing and x_TD.is_cuda) else _route
         fn, args = gate.routing_call(self.training)
         return route(fn, x_TD, args, self.num_experts, cap, c.kernels.gather)
@@ -188,15 +242,21 @@ class MoE(_DeepSpeedMoE):
         routed input's shape without D (the sequence along config.seq_dim), for the sequence-level losses."""
         c, s = self.config, self.config.settings
         sigmoid = c.router == "sigmoid"  # a bank ("none") is routed by softmax routers (UMoE)
+        # Expert choice is balanced by construction: no balance loss, whichever way this call routed.
+        balanced = sigmoid or c.selection == "expert_choice"
         balance = routing.aux["balance"]
-        if not sigmoid and s.aux_loss_scope == "sequence":
+        if not balanced and s.aux_loss_scope == "sequence":
             balance = sequence_balance_loss(routing.probs_TE, routing.expert_ids_TK, token_shape, c.seq_dim)
         aux = routing.aux["z"] * s.z_loss_weight
-        if not sigmoid:
+        if not balanced:
             aux = aux + balance * s.aux_loss_weight
+        # Experts per token (0 .. E): expert choice gives tokens any number; token choice k minus the drops.
+        per_token_T = p.live_TK.sum(1)
+        hist = torch.zeros(self.num_experts + 1, dtype=torch.long, device=per_token_T.device).scatter_add_(
+            0, per_token_T, torch.ones_like(per_token_T))
         record = CallRecord(aux=aux, balance=balance.detach(), z=routing.aux["z"].detach(),
                             entropy=router_entropy(routing.probs_TE), routed_E=p.routed_E.detach(),
-                            kept_E=p.counts_E.detach(), router=router_name)
+                            kept_E=p.counts_E.detach(), router=router_name, experts_per_token=hist)
         weight = c.regulariser_weight
         if sigmoid and weight > 0:
             T = routing.probs_TE.shape[0]
@@ -206,6 +266,25 @@ class MoE(_DeepSpeedMoE):
             aux = aux + weight * sequence_entropy_loss(record.prob_sums_BE, record.tokens_per_seq)
         self.records.append(record)
         return aux
+
+
+def routing_description(c: MoEConfig, training: bool = False) -> str:
+    """How a layer of this configuration routes in evaluation (training: in training), in words: what the
+    evaluation recipe prints beside a perplexity."""
+    if c.selection != "expert_choice":
+        return "token choice"
+    mode = c.settings.ec_group if (training or c.settings.ec_eval_routing == "train") else c.settings.ec_eval_routing
+    return {"token_choice": "token choice of the expert-choice scores (no other token)",
+            "position": "expert choice, per-position groups (no future token)",
+            "batch": "expert choice, groups of the whole micro-batch (sees future tokens)"}.get(
+        mode, f"expert choice, groups of {mode} tokens (sees future tokens)")
+
+
+def model_routing(model: nn.Module) -> str:
+    """The evaluation routing of a model's MoE layers ('token choice' for a model without expert choice; '' for a
+    dense model): one phrase when every layer agrees."""
+    kinds = sorted({routing_description(m.config) for m in moe_layers(model)})
+    return "; ".join(kinds)
 
 
 def moe_layers(model: nn.Module) -> list:

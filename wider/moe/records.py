@@ -27,3 +27,4 @@ class CallRecord:
     tokens_per_seq: int = 0
     entropy_weight: float = 0.0
     router: str = ""  # which router of the layer made the record ("" for an MoE FFN; SwitchHead: "v" or "o")
+    experts_per_token: Optional[torch.Tensor] = None  # [E + 1] int64: how many tokens got 0, 1, ..., E experts

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Optional
+
+
+EC_EVAL_ROUTINGS = ("position", "token_choice", "train")
 
 
 class MoESettingsError(ValueError):
@@ -49,6 +53,24 @@ class MoESettings:
                                                 "(per head, averaged over heads). 0 = off. MoEUT: 0.001.")
     ep_size: int = _f(1, "Expert-parallel size: experts are split over this many ranks (DeepSpeed's "
                          "expert-parallel groups); must divide the data-parallel size and num_experts.")
+    ec_group: object = _f("position", "Expert Choice routing (model.moe_router 'expert_choice') only: the routing "
+                                      "group in which each expert takes its tokens in training. 'position' (the "
+                                      "tokens at one sequence position across the local micro-batch: llm-random's "
+                                      "group_by_batch, which the fine-grained scaling law was trained with; no "
+                                      "token's routing sees a later token of its own sequence), 'batch' (every token "
+                                      "of the local micro-batch: Zhou et al.; routing sees the future) or a positive "
+                                      "integer N (N consecutive tokens in the layer's [s, b] order; the last group "
+                                      "may be smaller).")
+    ec_eval_routing: str = _f("position", "Expert Choice only: the routing in evaluation (model.eval(): validation, "
+                                          "recipes/evaluate.py). 'position' (per-position groups over the evaluated "
+                                          "micro-batch: uses no future token), 'token_choice' (each token takes the "
+                                          "top-k experts of the same router scores, dropless: uses no other token) or "
+                                          "'train' (the training groups, ec_group: may see the future; for measuring "
+                                          "the gap). Generation always uses 'token_choice'.")
+    bias_update_speed: float = _f(0.001, "Auxiliary-loss-free balancing (model.router_bias true) only: after each "
+                                         "optimizer step every expert's selection bias moves by this much towards "
+                                         "equal load (+speed if its load over the step, summed over data-parallel "
+                                         "ranks, is below the mean, -speed if above; DeepSeek-V3: 0.001). 0 = frozen.")
 
     def capacity_factor_for(self, training: bool) -> Optional[float]:
         """The factor in force, None when dropless."""
@@ -87,6 +109,17 @@ class MoESettings:
             raise MoESettingsError(f"{where}: moe.aux_loss_scope must be 'batch' or 'sequence', got {self.aux_loss_scope!r}")
         if isinstance(self.ep_size, bool) or not isinstance(self.ep_size, int) or self.ep_size < 1:
             raise MoESettingsError(f"{where}: moe.ep_size must be a positive integer, got {self.ep_size!r}")
+        g = self.ec_group
+        if not (g in ("position", "batch") or (isinstance(g, int) and not isinstance(g, bool) and g >= 1)):
+            raise MoESettingsError(f"{where}: moe.ec_group must be 'position', 'batch' or a positive integer (tokens "
+                                   f"per routing group), got {g!r}")
+        if self.ec_eval_routing not in EC_EVAL_ROUTINGS:
+            raise MoESettingsError(f"{where}: moe.ec_eval_routing must be one of {EC_EVAL_ROUTINGS}, got "
+                                   f"{self.ec_eval_routing!r}")
+        v = self.bias_update_speed
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise MoESettingsError(f"{where}: moe.bias_update_speed must be a number >= 0 (0 = the biases stay "
+                                   f"frozen; DeepSeek-V3 uses 0.001), got {v!r}")
 
     def check_layout(self, num_experts: int, top_k: int, dp: Optional[int], where: str = "ds_config") -> None:
         """Checks that need the model's expert count and the data-parallel size."""
@@ -99,3 +132,28 @@ class MoESettings:
         if dp is not None and dp % self.ep_size:
             raise MoESettingsError(f"{where}: moe.ep_size {self.ep_size} does not divide the data-parallel "
                                    f"size {dp}; launch a multiple of {self.ep_size} ranks or lower ep_size")
+
+    def check_routing(self, selection: str, num_experts: int, top_k: int, micro_batch: int, softmax_over: str,
+                      where: str = "ds_config") -> None:
+        """Checks of the block against the model's routing (model.moe_router; micro_batch: the per-rank micro-batch,
+        which 'position' groups span)."""
+        if selection != "expert_choice":
+            return
+        if self.capacity_factor_for(True) is None:
+            raise MoESettingsError(f"{where}: expert choice (model.moe_router) needs a capacity: each expert takes "
+                                   "capacity_factor x group x k / experts tokens of each group. Set "
+                                   "moe.capacity_factor (llm-random: 1.0) and moe.drop_tokens true")
+        group = micro_batch if self.ec_group == "position" else self.ec_group
+        if isinstance(group, int):
+            exact = self.capacity_factor * group * top_k / num_experts
+            if round(exact) < 1:
+                raise MoESettingsError(
+                    f"{where}: expert choice with routing groups of {group} tokens (moe.ec_group {self.ec_group!r}"
+                    f"{', the micro-batch' if self.ec_group == 'position' else ''}) gives each of the {num_experts} "
+                    f"experts round({self.capacity_factor} x {group} x {top_k} / {num_experts}) = 0 tokens per group; "
+                    f"make the groups at least {math.ceil(0.5 * num_experts / (self.capacity_factor * top_k))} tokens "
+                    "(a larger --micro-batch-size for 'position', or moe.ec_group)")
+        if softmax_over == "tokens" and self.ec_eval_routing == "token_choice":
+            raise MoESettingsError(f"{where}: moe.ec_eval_routing 'token_choice' needs per-token scores, but "
+                                   "model.ec_softmax_over is 'tokens'; use ec_eval_routing 'position'")
+

@@ -16,6 +16,7 @@ take() therefore adds, per layer, weight * entropy_regulariser(records) on top o
 from __future__ import annotations
 
 from collections import OrderedDict
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -71,6 +72,9 @@ def take(model: torch.nn.Module) -> tuple[Optional[torch.Tensor], list[tuple[str
     labelled, total = [], None
     for m in router_layers(model):
         calls: dict = {}  # router name -> its records, in call order
+        if m.training and isinstance(m, MoE) and m.config.selection_bias and m.records:
+            load_E = sum(r.routed_E for r in m.records)
+            m.pending_load_E = load_E if m.pending_load_E is None else m.pending_load_E + load_E
         for r in m.records:
             i = len(calls.setdefault(r.router, []))
             calls[r.router].append(r)
@@ -85,6 +89,39 @@ def take(model: torch.nn.Module) -> tuple[Optional[torch.Tensor], list[tuple[str
     return total, labelled
 
 
+def update_selection_biases(model: torch.nn.Module, group=None) -> None:
+    """Auxiliary-loss-free balancing (DeepSeek-V3, section 2.1.2), after each optimizer step: every layer's load
+    since the last update (the routed assignments per expert that take() summed over the step's forward passes) is
+    summed over the data-parallel `group`, and each expert's selection bias moves by moe.bias_update_speed towards
+    equal load: up if the expert's load is below the mean, down if above, unchanged if equal. Collective: every
+    rank calls it after every step, so that the biases stay identical on every rank."""
+    layers = [m for m in router_layers(model) if isinstance(m, MoE) and m.config.selection_bias]
+    if not layers:
+        return
+    loads = [m.pending_load_E if m.pending_load_E is not None else
+             torch.zeros(m.num_experts, dtype=torch.long, device=m.deepspeed_moe.gate.selection_bias.device)
+             for m in layers]
+    flat = torch.cat(loads).double()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    i = 0
+    for m in layers:
+        E = m.num_experts
+        load_E = flat[i:i + E]
+        i += E
+        m.pending_load_E = None
+        speed = m.config.settings.bias_update_speed
+        if speed and load_E.sum() > 0:
+            bias = m.deepspeed_moe.gate.selection_bias
+            bias.add_(torch.sign(load_E.mean() - load_E).to(bias.dtype) * speed)
+
+
+def selection_biases(model: torch.nn.Module) -> dict:
+    """label -> the layer's current selection biases (a list), for the layers with aux-loss-free balancing."""
+    return {m.label: m.deepspeed_moe.gate.selection_bias.tolist() for m in router_layers(model)
+            if isinstance(m, MoE) and m.config.selection_bias}
+
+
 @dataclass
 class Summary:
     load: list  # fraction of routed assignments per expert (sums to 1)
@@ -95,6 +132,9 @@ class Summary:
     # Sigmoid routers: entropy of each sequence's mean router distribution in one call (nats), averaged over
     # sequences (and heads) and calls: what the entropy regulariser raises (log E = even use); 0 for others.
     sequence_entropy: float = 0.0
+    # Experts per token: share of the tokens that got 0, 1, ..., E experts (expert choice: any number; token
+    # choice: k, fewer after drops); empty for routers that do not report it (SwitchHead).
+    experts_per_token: list = dataclasses.field(default_factory=list)
 
 
 class Window:
@@ -109,13 +149,16 @@ class Window:
                      if r.prob_sums_BE is not None else torch.zeros((), device=r.balance.device))
             scalars = torch.stack([r.balance.float(), r.z.float(), r.entropy.float(), seq_h,
                                    torch.ones((), device=r.balance.device)])
+            hist = (r.experts_per_token.double() if r.experts_per_token is not None
+                    else torch.zeros(r.routed_E.numel() + 1, dtype=torch.float64, device=r.routed_E.device))
             acc = self._acc.get(label)
             if acc is None:
-                self._acc[label] = [r.routed_E.double(), r.kept_E.double(), scalars.double()]
+                self._acc[label] = [r.routed_E.double(), r.kept_E.double(), scalars.double(), hist]
             else:
                 acc[0] += r.routed_E.double()
                 acc[1] += r.kept_E.double()
                 acc[2] += scalars.double()
+                acc[3] += hist
 
     def __bool__(self) -> bool:
         return bool(self._acc)
@@ -126,20 +169,23 @@ class Window:
         if not self._acc:
             return out
         labels = list(self._acc)
-        flat = torch.cat([torch.cat([a[0], a[1], a[2]]) for a in self._acc.values()])
+        flat = torch.cat([torch.cat(a) for a in self._acc.values()])
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(flat, group=group)
         i = 0
         for label in labels:
             E = self._acc[label][0].numel()
             routed, kept, sc = flat[i:i + E], flat[i + E:i + 2 * E], flat[i + 2 * E:i + 2 * E + 5]
-            i += 2 * E + 5
+            hist = flat[i + 2 * E + 5:i + 3 * E + 6]
+            i += 3 * E + 6
             n = float(sc[4])
             total = float(routed.sum())
+            tokens = float(hist.sum())
             out[label] = Summary(load=(routed / max(total, 1.0)).tolist(),
                                  dropped=1.0 - float(kept.sum()) / max(total, 1.0),
                                  entropy=float(sc[2]) / n, balance=float(sc[0]) / n, z=float(sc[1]) / n,
-                                 sequence_entropy=float(sc[3]) / n)
+                                 sequence_entropy=float(sc[3]) / n,
+                                 experts_per_token=(hist / tokens).tolist() if tokens else [])
         self._acc.clear()
         return out
 

@@ -25,6 +25,8 @@ earlier sweeps into the same OUT, so a study grown in stages keeps one CSV), col
     E         expansion rate: all experts' parameters / the dense FFN's (1 = dense)    no, > 0
     flops     the paper's training FLOPs (12 d^2 c_f + d E G c_r) n_blocks D           no, > 0
     loss      final validation loss (nats per token)                                   yes, > 0
+    router    token_choice or expert_choice (model.moe_router; the paper's law was fitted  no
+              on expert choice, so fit one routing at a time)
     d_model, n_blocks, steps, run_dir                                                  no
 
 Runs trained elsewhere can be brought in a CSV with at least N, D, G and loss (N, D and loss for --dense).
@@ -53,8 +55,8 @@ import numpy as np
 from wider.files import atomic_path, atomic_write_json
 from wider.scaling.law import C_F, ScalingError
 
-COLUMNS = ("run", "preset", "N", "N_active", "D", "G", "E", "flops", "loss", "d_model", "n_blocks", "steps",
-           "run_dir")
+COLUMNS = ("run", "preset", "N", "N_active", "D", "G", "E", "flops", "loss", "router", "d_model", "n_blocks",
+           "steps", "run_dir")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -101,6 +103,11 @@ def read_runs(path: str, need_granularity: bool = True) -> Runs:
     if not body:
         raise ScalingError(f"{path} has a header but no runs")
     col = {h: j for j, h in enumerate(header)}
+    if "router" in col:
+        kinds = sorted({r[col["router"]].strip() for _, r in body if col["router"] < len(r)} - {""})
+        if len(kinds) > 1:
+            raise ScalingError(f"{path}: the runs mix routings ({', '.join(kinds)}); one law describes one routing "
+                               "(the paper's was fitted on expert choice): keep the rows of one router")
     out: dict[str, list[float]] = {k: [] for k in ("N", "D", "G", "loss", "E", "flops")}
     names = []
     for line, r in body:
@@ -234,7 +241,7 @@ def _quiet_imports() -> None:
     warnings.filterwarnings("ignore")
 
 
-def _parse_recipe_flags(flags: list[str], what: str):
+def parse_recipe_flags(flags: list[str], what: str):
     """The recipes' own parser (wider.cli), so a sweep accepts exactly what a recipe accepts."""
     from wider import cli
 
@@ -272,7 +279,7 @@ def plan(grid: dict[str, list], out_dir: str, extra: Sequence[str]) -> list[Plan
         if E is not None:
             flags += ["--expansion-rate", str(E)]
         what = f"grid point preset={preset}" + (f" G={G}" if G else "") + (f" E={E}" if E else "")
-        base = _parse_recipe_flags(flags + extra, what)
+        base = parse_recipe_flags(flags + extra, what)
         if "tokens" in grid:
             per_step = base.train.global_batch_size * base.model.seq_length
             iters = max(1, round(length / per_step))
@@ -287,7 +294,7 @@ def plan(grid: dict[str, list], out_dir: str, extra: Sequence[str]) -> list[Plan
         name = preset + (f"-G{m.granularity}" if m.granularity else "") + \
             (f"-E{m.expansion_rate}" if m.expansion_rate else "") + f"-{iters}it"
         run_dir = os.path.join(os.path.abspath(out_dir), name)
-        cfg = _parse_recipe_flags(flags + ["--run-dir", run_dir], f"run {name}")
+        cfg = parse_recipe_flags(flags + ["--run-dir", run_dir], f"run {name}")
         recipe = str(REPO / ARCHITECTURES[cfg.model.arch].recipe)
         runs.append(PlannedRun(name=name, args=flags, recipe=recipe, run_dir=run_dir, cfg=cfg, info=describe(cfg)))
     names = [r.name for r in runs]
@@ -348,7 +355,8 @@ def row_for(run_dir: str, name: str) -> Optional[dict]:
     per_token = info.get("extra_paper_flops_per_token", 12 * m.hidden_size ** 2 * C_F * m.num_layers)
     return {"run": name, "preset": cfg.preset, "N": info["params_non_embedding"],
             "N_active": info["params_active"] - info["params_embedding"], "D": D, "G": G, "E": E,
-            "flops": per_token * D, "loss": loss, "d_model": m.hidden_size, "n_blocks": m.num_layers,
+            "flops": per_token * D, "loss": loss, "router": m.moe_router if m.num_experts else "",
+            "d_model": m.hidden_size, "n_blocks": m.num_layers,
             "steps": steps, "run_dir": run_dir}
 
 
@@ -360,6 +368,34 @@ def _tail(path: str, lines: int = 15) -> str:
         return ""
 
 
+def train_run(run: PlannedRun, launcher: Sequence[str], tag: str, echo=print,
+              env: Optional[dict] = None) -> Optional[str]:
+    """Bring one run to its end: a finished run is skipped (refused when it was started with other flags), a partial
+    one resumes (--resume auto), a new one starts. Returns None when it has finished, else why not (naming its log).
+    env: extra environment variables for the recipe. Shared by the sweep and `python -m wider.study`."""
+    if run.status() == "finished":
+        _check_same_flags(run)
+        echo(f"{tag}: finished earlier (loss {_finished_loss(run.run_dir):.4f}), skipped")
+        return None
+    # A partial run resumes with --resume auto; the recipe itself refuses a checkpoint of another model.
+    atomic_write_json(_record_path(run), {"args": run.args})
+    log = os.path.join(run.run_dir, "train.log")
+    cmd = run.command(launcher)
+    resumed = " (resuming)" if run.status() == "partial" else ""
+    echo(f"{tag}: training{resumed}, N {run.info['params_non_embedding']:,} D "
+         f"{run.info['total_tokens']:,} -> {log}")
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))).returncode
+    if code != 0 or _finished_loss(run.run_dir) is None:
+        why = f"exited with status {code}" if code != 0 else "stopped before the end (no summary.json)"
+        return (f"run {run.name} {why}; its log is {log}. Fix the cause and run the same command again: "
+                f"finished runs are skipped and this one resumes.\n--- last lines of {log} ---\n{_tail(log)}")
+    return None
+
+
 def run_all(runs: Sequence[PlannedRun], launcher: Sequence[str], keep_going: bool = False,
             echo=print) -> list[str]:
     """Train every unfinished run in order; returns the names of runs that failed (only with keep_going)."""
@@ -369,37 +405,21 @@ def run_all(runs: Sequence[PlannedRun], launcher: Sequence[str], keep_going: boo
     trained = 0
     for i, run in enumerate(runs, 1):
         tag = f"[{i}/{total}] {run.name}"
-        if run.status() == "finished":
-            _check_same_flags(run)
-            echo(f"{tag}: finished earlier (loss {_finished_loss(run.run_dir):.4f}), skipped")
-            continue
-        # A partial run resumes with --resume auto; the recipe itself refuses a checkpoint of another model.
-        atomic_write_json(_record_path(run), {"args": run.args})
-        log = os.path.join(run.run_dir, "train.log")
-        cmd = run.command(launcher)
-        resumed = " (resuming)" if run.status() == "partial" else ""
-        echo(f"{tag}: training{resumed}, N {run.info['params_non_embedding']:,} D "
-             f"{run.info['total_tokens']:,} -> {log}")
+        earlier = run.status() == "finished"
         t0 = time.time()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log, "a") as f:
-            f.write(f"$ {shlex.join(cmd)}\n")
-            f.flush()
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        loss = _finished_loss(run.run_dir)
-        if code != 0 or loss is None:
-            why = f"exited with status {code}" if code != 0 else "stopped before the end (no summary.json)"
-            msg = (f"run {run.name} {why}; its log is {log}. Fix the cause and run the same sweep command again: "
-                   f"finished runs are skipped and this one resumes.\n--- last lines of {log} ---\n{_tail(log)}")
+        msg = train_run(run, launcher, tag, echo)
+        if msg is not None:
             if not keep_going:
                 raise SweepError(msg)
             echo(f"{tag}: FAILED: {msg}")
             failed.append(run.name)
             continue
+        if earlier:
+            continue
         trained += 1
         left = sum(1 for r in runs[i:] if r.status() != "finished")
         eta = (time.time() - t_sweep) / trained * left
-        echo(f"{tag}: done in {time.time() - t0:.1f} s, final valid loss {loss:.4f}"
+        echo(f"{tag}: done in {time.time() - t0:.1f} s, final valid loss {_finished_loss(run.run_dir):.4f}"
              + (f" ({left} to go, about {eta:.0f} s)" if left else ""))
     return failed
 

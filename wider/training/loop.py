@@ -3,10 +3,10 @@
     run(cfg) = set_up(cfg) -> train_step(session, step) per step, with report_window() every log_interval,
                evaluate() every eval_interval and at the end, checkpoints, preemption -> summary
 
-It knows the model only through the architecture registry (wider.models.ARCHITECTURES): a built model's
-forward(tokens, position_ids, attention_mask, labels) returns the per-token loss, and the loop never branches on
-which architecture it is. MoE layers describe themselves (wider.moe.layer.MoE.describe) and report their losses
-and statistics through wider.moe.stats.
+It knows the model only through the architecture registry (wider.models.ARCHITECTURES) and the task only through
+wider.tasks (DESIGN 5.8: the task reads its data, computes its loss from the model's outputs and its metrics), and
+never branches on which architecture or task it is. MoE layers describe themselves (wider.moe.layer.MoE.describe)
+and report their losses and statistics through wider.moe.stats.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from wider import ds_config, parallel, preflight
 from wider.checkpoint import store
 from wider.checkpoint.paths import RUN_TOKENIZER, step_of
 from wider.config import RunConfig
-from wider.data import (SentencePieceTokenizer, Splits, build_datasets, eval_micro_batches, final_eval_samples,
-                        micro_batch, stack_samples, unigram_entropy, unpack)
+from wider.data import SentencePieceTokenizer, Splits, eval_micro_batches, micro_batch, stack_samples
 from wider.files import RunDirLock, atomic_path, atomic_write_json
 from wider.models import ARCHITECTURES, ParamCount, training_flops_per_token
 from wider.moe import stats as moe_stats
-from wider.moe.layer import moe_layers
+from wider.moe.layer import model_routing, moe_layers
 from wider.optim import learning_rate, make_optimizer, make_scheduler
+from wider.tasks.base import EvalResult, Task, metrics_text
+from wider.tasks.registry import task_of
 from wider.training.metrics import Reporter, drop_records_after, fmt_count, peak_memory_gb
 from wider.training.preemption import Preemption
 
@@ -54,7 +55,7 @@ class Session:
     engine: object  # deepspeed.DeepSpeedEngine
     splits: Splits
     reporter: Reporter
-    tokenizer: SentencePieceTokenizer
+    tokenizer: Optional[SentencePieceTokenizer]  # None for a task without text (image classification)
     has_moe: bool
     gas: int  # gradient accumulation steps
     flops_per_token: float
@@ -62,6 +63,7 @@ class Session:
     start_step: int = 0
     final_samples: int = 0
     lock: Optional[RunDirLock] = None  # rank 0 holds the run directory's lock until the run ends
+    task: Optional[Task] = None  # the task's data, loss and metrics (wider.tasks)
 
     @property
     def tokens_per_step(self) -> int:
@@ -70,7 +72,7 @@ class Session:
     def client_state(self, step: int) -> dict:
         t = self.cfg.train
         return {"step": step, "consumed_samples": step * t.global_batch_size, "config": self.cfg.to_dict(),
-                **self.tokenizer.record()}
+                **(self.tokenizer.record() if self.tokenizer is not None else {})}
 
     def save(self, step: int) -> str:
         t = self.cfg.train
@@ -79,10 +81,11 @@ class Session:
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # the global batch's mean LM loss on this rank (float64, detached)
+    loss: torch.Tensor  # the global batch's mean task loss on this rank (float64, detached)
     aux: torch.Tensor  # the weighted MoE aux losses (0 for a dense model)
     grad_norm: Optional[float]
     moe_records: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)  # the task's training metrics, name -> float64 tensor (mean)
 
 
 # --- stage 1: set-up ------------------------------------------------------------------------------------------
@@ -99,7 +102,8 @@ def set_up(cfg: RunConfig) -> Session:
     # Every input checked on every rank, and the run directory locked, before anything is written.
     pre, lock = preflight.check_on_every_rank(cfg, layout)
     arch = ARCHITECTURES[m.arch]
-    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_path)
+    task = task_of(cfg)
+    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_path) if task.uses_tokenizer else None
     if layout.is_main:
         _prepare_run_dir(cfg, tokenizer, pre.resume_from)
     dist.barrier()
@@ -113,6 +117,10 @@ def set_up(cfg: RunConfig) -> Session:
     runtime = _moe_runtime(ds) if m.num_experts else None  # groups before the build: each rank builds its experts
     parallel.set_seed(t.seed)
     model = arch.build(cfg, vocab, bf16, runtime)
+    if t.init_from and not pre.resume_from:  # fine-tuning: pretrained weights before the optimizer sees them
+        from wider.checkpoint.init import initialize
+
+        initialize(model, cfg, rep.info)
     counts = arch.count(cfg, vocab)
     session_fpt = training_flops_per_token(cfg, counts)
     _banner(rep, cfg, layout, ds, model, counts, session_fpt)
@@ -121,11 +129,12 @@ def set_up(cfg: RunConfig) -> Session:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, t),
                                            config=ds, mpu=parallel.MegatronMPU(), dist_init_required=False)
     cache_dir = cfg.data.index_cache or os.path.join(os.path.dirname(os.path.abspath(t.run_dir)), ".index_cache")
-    splits = build_datasets(cfg, tokenizer, t.train_iters * t.global_batch_size, t.eval_iters * t.global_batch_size,
-                            cache_dir)
+    splits = task.build_data(tokenizer, t.train_iters * t.global_batch_size, t.eval_iters * t.global_batch_size,
+                             cache_dir)
     s = Session(cfg=cfg, layout=layout, engine=engine, splits=splits, reporter=rep, tokenizer=tokenizer,
                 has_moe=runtime is not None, gas=ds["gradient_accumulation_steps"], flops_per_token=session_fpt,
-                own_norm=ds_config.zero_stage(ds) == 0, final_samples=final_eval_samples(cfg, splits), lock=lock)
+                own_norm=ds_config.zero_stage(ds) == 0, final_samples=task.final_eval_samples(splits), lock=lock,
+                task=task)
     if pre.resume_from:
         s.start_step = _resume(s, pre.resume_from)
     return s
@@ -138,14 +147,15 @@ def _moe_runtime(ds: dict):
     return MoERuntime(settings=settings, groups=parallel.expert_groups(settings.ep_size))
 
 
-def _prepare_run_dir(cfg: RunConfig, tokenizer: SentencePieceTokenizer, resume_from: str | None) -> None:
+def _prepare_run_dir(cfg: RunConfig, tokenizer: Optional[SentencePieceTokenizer], resume_from: str | None) -> None:
     """Rank 0, after every check passed: the resolved config, a copy of the tokenizer (so the run directory works
     wherever it is copied: wider.checkpoint.rebuild.run_tokenizer_candidates), and metrics.jsonl without the records
     of steps after the one resumed (a run that died after its last checkpoint had logged them)."""
     run_dir = cfg.train.run_dir
     atomic_write_json(os.path.join(run_dir, "config.json"), cfg.to_dict())
     own = os.path.join(run_dir, RUN_TOKENIZER)
-    if not (os.path.isfile(own) and SentencePieceTokenizer(own).identity == tokenizer.identity):
+    if tokenizer is not None and not (os.path.isfile(own)
+                                      and SentencePieceTokenizer(own).identity == tokenizer.identity):
         with atomic_path(own) as tmp:
             shutil.copyfile(tokenizer.path, tmp)
         meta = os.path.splitext(tokenizer.path)[0] + ".json"  # data_prep/train_tokenizer.py's PREFIX.json
@@ -198,36 +208,34 @@ def apex_available() -> bool:
 # --- stage 2: one optimizer step ------------------------------------------------------------------------------
 
 
-def lm_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    mask = loss_mask.float()
-    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
-
-
 def train_step(s: Session, step: int) -> StepResult:
-    """Global batch `step`: gas micro-batches, forward, backward (LM loss + MoE aux losses) and the engine's step."""
+    """Global batch `step`: gas micro-batches, forward, backward (the task's loss + MoE aux losses) and the engine's
+    step."""
     t, lay, engine = s.cfg.train, s.layout, s.engine
     step_loss = torch.zeros((), dtype=torch.float64, device=lay.device)
     step_aux = torch.zeros((), dtype=torch.float64, device=lay.device)
-    records, norm = [], None
+    records, norm, metrics = [], None, {}
     for micro in range(s.gas):
         batch = micro_batch(s.splits.train, step, micro, t.global_batch_size, t.micro_batch_size, lay.dp, lay.dp_rank,
                             lay.device)
-        tokens, pos, mask, labels, loss_mask = unpack(batch)
         moe_stats.clear(engine.module)
-        loss = lm_loss(engine(tokens, pos, mask, labels=labels), loss_mask)
+        loss, micro_metrics = s.task.loss(engine, batch)
         aux, micro_records = moe_stats.take(engine.module)  # before backward (recompute re-records)
         engine.backward(loss if aux is None else loss + aux)
         if s.own_norm and micro == s.gas - 1:  # gradients are reduced now and zeroed by step()
             norm = parallel.global_grad_norm(engine.module)
         engine.step()
         step_loss += loss.detach().double() / s.gas
+        for k, v in micro_metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + v.double() / s.gas
         if aux is not None:
             step_aux += aux.detach().double() / s.gas
             records.extend(micro_records)
     if not s.own_norm:
         gn = engine.get_global_grad_norm()
         norm = float(gn) if gn is not None else None
-    return StepResult(loss=step_loss, aux=step_aux, grad_norm=norm, moe_records=records)
+    moe_stats.update_selection_biases(engine.module, _dp_group())  # aux-loss-free balancing (no-op without)
+    return StepResult(loss=step_loss, aux=step_aux, grad_norm=norm, moe_records=records, metrics=metrics)
 
 
 class TrainWindow:
@@ -243,7 +251,7 @@ class TrainWindow:
         aux losses' autograd graphs)."""
         if r.moe_records:
             self.moe.add(r.moe_records)
-        self.results.append(StepResult(loss=r.loss, aux=r.aux, grad_norm=r.grad_norm))
+        self.results.append(StepResult(loss=r.loss, aux=r.aux, grad_norm=r.grad_norm, metrics=r.metrics))
 
     def restart_clock(self) -> None:
         """Evaluation and checkpoints do not count as training time."""
@@ -253,9 +261,11 @@ class TrainWindow:
 def report_window(s: Session, step: int, w: TrainWindow) -> None:
     """Collective: the window's losses averaged over data-parallel ranks -> metrics.jsonl, TensorBoard, console."""
     t, lay, rep = s.cfg.train, s.layout, s.reporter
-    both = torch.stack([torch.stack([r.loss for r in w.results]), torch.stack([r.aux for r in w.results])])
+    names = list(w.results[0].metrics)  # the task's training metrics (none for the causal LM)
+    both = torch.stack([torch.stack([r.loss for r in w.results]), torch.stack([r.aux for r in w.results]),
+                        *(torch.stack([r.metrics[k] for r in w.results]) for k in names)])
     dist.all_reduce(both, group=_dp_group())
-    losses, auxes = (both / lay.dp).tolist()
+    losses, auxes, *task_rows = (both / lay.dp).tolist()
     norms = [r.grad_norm for r in w.results]
     moe_now = w.moe.reduce(_dp_group())
     tps = s.tokens_per_step * len(w.results) / max(time.time() - w.t0, 1e-9)
@@ -263,57 +273,66 @@ def report_window(s: Session, step: int, w: TrainWindow) -> None:
     first = step - len(losses) + 1
     for i, (lv, nv, av) in enumerate(zip(losses, norms, auxes)):
         rep.record({"kind": "train", "step": first + i, "loss": lv, "grad_norm": nv,
-                    "lr": learning_rate(first + i - 1, t), **({"aux_loss": av} if s.has_moe else {})})
+                    "lr": learning_rate(first + i - 1, t), **({"aux_loss": av} if s.has_moe else {}),
+                    **{k: row[i] for k, row in zip(names, task_rows)}})
     lr_now = learning_rate(step - 1, t)  # the rate this step used
-    rep.scalars(step, {"train/loss": losses[-1], "train/ppl": math.exp(min(losses[-1], 50)), "train/lr": lr_now,
+    now = {k: row[-1] for k, row in zip(names, task_rows)}
+    rep.scalars(step, {**s.task.scalars("train", losses[-1], now), "train/lr": lr_now,
                        "train/grad_norm": norms[-1], "perf/tokens_per_s": tps, "perf/mfu": mfu,
                        "perf/memory_gb": peak_memory_gb()})
-    extra = ""
+    extra = metrics_text(now)
     if moe_now:
         rep.scalars(step, {"train/aux_loss": auxes[-1]})
         rep.moe_scalars(step, "train", moe_now)
-        extra = (f" | drop {100 * moe_stats.mean_over(moe_now, 'dropped'):.1f}% | bal "
-                 f"{moe_stats.mean_over(moe_now, 'balance'):.3f}")
-    rep.train_line(step, losses[-1], lr_now, norms[-1], tps, mfu, extra)
+        rep.selection_biases(step, moe_stats.selection_biases(s.engine.module))
+        extra += (f" | drop {100 * moe_stats.mean_over(moe_now, 'dropped'):.1f}% | bal "
+                  f"{moe_stats.mean_over(moe_now, 'balance'):.3f}")
+    rep.train_line(step, losses[-1], lr_now, norms[-1], tps, mfu, extra, ppl=s.task.reports_ppl)
 
 
 # --- stage 3: evaluate and report -----------------------------------------------------------------------------
 
 
-def evaluate(engine, dataset, sample_ids: range, cfg: RunConfig, layout, window=None) -> tuple[float, int]:
-    """Mean per-token loss over the given samples (split across data-parallel ranks) and the token count.
-    window: a wider.moe.stats.Window that collects the MoE statistics of these forward passes."""
-    total = torch.zeros(2, dtype=torch.float64, device=layout.device)
+def evaluate(engine, dataset, sample_ids: range, cfg: RunConfig, layout, window=None,
+             task: Optional[Task] = None) -> EvalResult:
+    """The task's loss and metrics over the given samples (split across data-parallel ranks; for the causal LM the
+    mean per-token loss and the token count). window: a wider.moe.stats.Window that collects the MoE statistics of
+    these forward passes."""
+    task = task or task_of(cfg)
+    total = torch.zeros(task.eval_width, dtype=torch.float64, device=layout.device)
     engine.eval()
     with torch.no_grad():
         for ids in eval_micro_batches(sample_ids, layout.dp, layout.dp_rank, cfg.train.micro_batch_size):
-            tokens, pos, mask, labels, loss_mask = unpack(stack_samples(dataset, ids, layout.device))
+            batch = stack_samples(dataset, ids, layout.device)
             moe_stats.clear(engine.module)
-            per_tok = engine(tokens, pos, mask, labels=labels)
+            sums = task.eval_sums(engine, batch)
             if window is not None:
                 window.add(moe_stats.take(engine.module)[1])
-            lm = loss_mask.float()
-            total[0] += (per_tok.float() * lm).sum().double()
-            total[1] += lm.sum().double()
+            total += sums
     engine.train()
     dist.all_reduce(total, group=_dp_group())
-    return float(total[0] / total[1].clamp(min=1)), int(total[1])
+    return task.eval_result(total)
 
 
-def evaluate_and_report(s: Session, step: int, samples: int, kind: str) -> tuple[float, int]:
-    """Collective: the loss on the first `samples` validation samples -> metrics.jsonl ("eval" / "final_eval"),
-    TensorBoard (valid/loss, valid/ppl, the MoE load of the validation tokens) and the console."""
+def evaluate_and_report(s: Session, step: int, samples: int, kind: str) -> EvalResult:
+    """Collective: the task's loss and metrics on the first `samples` validation samples -> metrics.jsonl ("eval" /
+    "final_eval"), TensorBoard (valid/loss, valid/ppl or the task's metrics, the MoE load of the validation tokens)
+    and the console."""
     window = moe_stats.Window()
-    loss, tokens = evaluate(s.engine, s.splits.valid, range(samples), s.cfg, s.layout, window)
+    result = evaluate(s.engine, s.splits.valid, range(samples), s.cfg, s.layout, window, s.task)
+    loss, tokens = result.loss, result.count
     rep = s.reporter
     summaries = window.reduce(_dp_group())
     if summaries:
         rep.moe_scalars(step, "valid", summaries)
         rep.moe_heatmap(step, summaries)
-    rep.record({"kind": kind, "step": step, "loss": loss, "tokens": tokens})
-    rep.scalars(step, {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50))})
-    rep.eval_line(step, "final valid" if kind == "final_eval" else "valid", loss, tokens)
-    return loss, tokens
+    routing = model_routing(s.engine.module)  # which routing produced this loss ('' for a dense model)
+    rep.record({"kind": kind, "step": step, "loss": loss, s.task.count_name: tokens, **result.metrics,
+                **({"routing": routing} if routing else {})})
+    rep.scalars(step, s.task.scalars("valid", loss, result.metrics))
+    rep.eval_line(step, "final valid" if kind == "final_eval" else "valid", loss, tokens, ppl=s.task.reports_ppl,
+                  unit=s.task.count_name, extra=metrics_text(result.metrics))
+    return result
 
 
 def _dp_group():
@@ -364,9 +383,10 @@ def _train(s: Session, preempt: Preemption) -> Outcome:
     last_ckpt = s.save(step)
     final = None
     if reason == "finished":
-        final, tokens = evaluate_and_report(s, step, s.final_samples, "final_eval")
+        result = evaluate_and_report(s, step, s.final_samples, "final_eval")
+        final = result.loss
         if s.layout.is_main:
-            summarize(s, step, final, tokens, last_ckpt)
+            summarize(s, step, result, last_ckpt)
     else:
         s.reporter.info(f"stopped at step {step} ({reason}"
                         f"{': ' + preempt.signal_name if preempt.signal_name else ''}); checkpoint {last_ckpt}; "
@@ -374,16 +394,16 @@ def _train(s: Session, preempt: Preemption) -> Outcome:
     return Outcome(step=step, reason=reason, final_valid_loss=final, checkpoint=last_ckpt)
 
 
-def summarize(s: Session, step: int, final: float, tokens: int, ckpt: str) -> None:
-    """RUN_DIR/summary.json and the closing lines: the final loss against the corpus's unigram entropy, and where
-    everything went."""
+def summarize(s: Session, step: int, result: EvalResult, ckpt: str) -> None:
+    """RUN_DIR/summary.json and the closing lines: the final loss against the task's baseline (for the causal LM the
+    corpus's unigram entropy, wider.tasks), and where everything went."""
     cfg, rep = s.cfg, s.reporter
-    prefixes, _ = cfg.data.prefixes()
-    h1, corpus_tokens = unigram_entropy(prefixes)
+    final, tokens, unit = result.loss, result.count, s.task.count_name
+    task_fields, task_lines = s.task.summary(result)
     run_dir = os.path.abspath(cfg.train.run_dir)
-    summary = {"preset": cfg.preset, "steps": step, "final_valid_loss": final, "valid_tokens": tokens,
-               "unigram_entropy": h1, "nats_below_unigram": h1 - final, "corpus_tokens": corpus_tokens,
-               "seconds": time.time() - rep.t_start, "run_dir": run_dir, "checkpoint": os.path.abspath(ckpt),
+    summary = {"preset": cfg.preset, "steps": step, "final_valid_loss": final, f"valid_{unit}": tokens,
+               **task_fields, "seconds": time.time() - rep.t_start, "run_dir": run_dir,
+               "checkpoint": os.path.abspath(ckpt),
                "tensorboard": os.path.abspath(rep.tb_dir), "metrics": os.path.join(run_dir, "metrics.jsonl"),
                "config": os.path.join(run_dir, "config.json")}
     atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
@@ -391,9 +411,9 @@ def summarize(s: Session, step: int, final: float, tokens: int, ckpt: str) -> No
         "",
         "=" * 72,
         f"done: {cfg.preset}, {step} steps in {summary['seconds']:.0f} s",
-        f"final validation loss {final:.4f} (ppl {math.exp(final):.2f}) on {tokens:,} held-out tokens",
-        f"unigram entropy of the corpus {h1:.4f} nats ({corpus_tokens:,} tokens): the model is "
-        f"{h1 - final:.3f} nats below it",
+        f"final validation loss {final:.4f}" + (f" (ppl {math.exp(final):.2f})" if s.task.reports_ppl else "")
+        + f" on {tokens:,} held-out {unit}",
+        *task_lines,
         f"run directory  {run_dir}",
         f"checkpoint     {summary['checkpoint']}",
         f"tensorboard    {summary['tensorboard']}   (./run.sh tensorboard)",

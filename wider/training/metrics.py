@@ -86,7 +86,7 @@ class Reporter:
                     self.writer.add_scalar(k, v, step)
 
     def train_line(self, step: int, loss: float, lr: float, grad_norm: Optional[float], tokens_per_s: float,
-                   mfu: Optional[float], extra: str = "") -> None:
+                   mfu: Optional[float], extra: str = "", ppl: bool = True) -> None:
         if not self.enabled:
             return
         done = step - (self.start_step or 0)
@@ -94,14 +94,17 @@ class Reporter:
         eta = elapsed / max(done, 1) * (self.total - step)
         gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"
         mfu_s = f"{mfu:.3f}" if mfu is not None else "-"
-        print(f"step {step:>6}/{self.total} | loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.1f} | lr {lr:.2e} | "
+        ppl_s = f" | ppl {math.exp(min(loss, 50)):.1f}" if ppl else ""  # language models (wider.tasks: reports_ppl)
+        print(f"step {step:>6}/{self.total} | loss {loss:.4f}{ppl_s} | lr {lr:.2e} | "
               f"gnorm {gn} | {fmt_count(tokens_per_s)} tok/s | mfu {mfu_s} | mem {peak_memory_gb():.2f}G | "
               f"eta {fmt_time(eta)}{extra}", flush=True)
 
-    def eval_line(self, step: int, name: str, loss: float, tokens: int) -> None:
+    def eval_line(self, step: int, name: str, loss: float, tokens: int, ppl: bool = True, unit: str = "tokens",
+                  extra: str = "") -> None:
         if self.enabled:
-            print(f"eval  {step:>6}/{self.total} | {name} loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f} | "
-                  f"{fmt_count(tokens)} tokens", flush=True)
+            ppl_s = f" | ppl {math.exp(min(loss, 50)):.2f}" if ppl else ""
+            print(f"eval  {step:>6}/{self.total} | {name} loss {loss:.4f}{ppl_s}{extra} | {fmt_count(tokens)} {unit}",
+                  flush=True)
 
     def moe_scalars(self, step: int, split: str, summaries: dict) -> None:
         """Per MoE call (block): dropped fraction, router entropy, balance and z-loss, and each expert's share of the
@@ -118,11 +121,45 @@ class Reporter:
                       f"{group}/{label}/load_min_x_E": min(s.load) * E}
             if s.sequence_entropy:  # sigmoid routers (MoEUT): what the entropy regulariser raises
                 values[f"{group}/{label}/sequence_entropy"] = s.sequence_entropy
+            if s.experts_per_token:
+                values[f"{group}/{label}/unrouted"] = s.experts_per_token[0]
+                values[f"{group}/{label}/experts_per_token"] = mean_of_shares(s.experts_per_token)
+                self.share_histogram(f"{group}/{label}/experts_per_token_distribution", s.experts_per_token, step)
             if E <= 16:
                 values.update({f"{group}_load/{label}/expert{e:02d}": v for e, v in enumerate(s.load)})
             self.scalars(step, values)
         self.record({"kind": f"moe_{split}", "step": step,
-                     **{label: dataclasses.asdict(s) for label, s in summaries.items()}})
+                     **{label: summary_record(s) for label, s in summaries.items()}})
+
+    def share_histogram(self, tag: str, shares: list, step: int) -> None:
+        """A TensorBoard histogram of an integer quantity from its shares (shares[n]: the fraction of items with
+        value n), one bucket per value."""
+        if not self.writer or not shares:
+            return
+        import numpy as np
+
+        counts = np.asarray(shares, dtype=np.float64)
+        values = np.arange(len(counts), dtype=np.float64)
+        used = np.nonzero(counts)[0]
+        lo, hi = (float(values[used[0]]), float(values[used[-1]])) if len(used) else (0.0, 0.0)
+        self.writer.add_histogram_raw(tag, min=lo, max=hi, num=float(counts.sum()), sum=float((counts * values).sum()),
+                                      sum_squares=float((counts * values ** 2).sum()),
+                                      bucket_limits=(values + 0.5).tolist(), bucket_counts=counts.tolist(),
+                                      global_step=step)
+
+    def selection_biases(self, step: int, biases: dict) -> None:
+        """Aux-loss-free balancing: each layer's per-expert selection bias (label -> list), as a histogram, the
+        largest magnitude and (up to 16 experts) one curve per expert; and in metrics.jsonl."""
+        if not biases:
+            return
+        if self.writer:
+            for label, b in biases.items():
+                self.writer.add_histogram(f"train_moe/{label}/selection_bias", torch.tensor(b), step)
+                values = {f"train_moe/{label}/selection_bias_max_abs": max(abs(v) for v in b)}
+                if len(b) <= 16:
+                    values.update({f"train_moe_bias/{label}/expert{e:02d}": v for e, v in enumerate(b)})
+                self.scalars(step, values)
+        self.record({"kind": "moe_bias", "step": step, **biases})
 
     def moe_heatmap(self, step: int, summaries: dict) -> None:
         """A figure of expert load: one row per MoE call (block), one column per expert, the colour and (for up to
@@ -149,6 +186,21 @@ class Reporter:
         if self.jsonl:
             self.jsonl.close()
         sys.stdout.flush()
+
+
+def mean_of_shares(shares: list) -> float:
+    """The mean of an integer quantity given the share of items at each value."""
+    return sum(n * share for n, share in enumerate(shares))
+
+
+def summary_record(s) -> dict:
+    """A wider.moe.stats.Summary for metrics.jsonl: the experts-per-token distribution as its mean and the share of
+    tokens no expert took (the full histogram is in TensorBoard; fine-grained layers have hundreds of values)."""
+    rec = dataclasses.asdict(s)
+    shares = rec.pop("experts_per_token")
+    if shares:
+        rec["unrouted"], rec["experts_per_token"] = shares[0], mean_of_shares(shares)
+    return rec
 
 
 def load_figure(rows: list, step: int):

@@ -102,6 +102,30 @@ CASES = {
     "python recipes/generate.py --checkpoint runs/widenet_smoke --prompt-file prompts.jsonl --json-key text "
     "--num-samples 4 --temperature 0.8 --top-p 0.9 --seed 7 --output samples.jsonl": "inprocess",
     'python recipes/generate.py --checkpoint runs/widenet_smoke --prompt "In the beginning" --no-cache': "inprocess",
+    # The tasks (DESIGN 5.8). ./run.sh launches a task preset through its task's recipe (wider.tasks.recipe_for), which
+    # _check_training's ./run.sh branch does not follow (it checks recipes/pretrain_<arch>.py); the recipe lines below
+    # are checked as "train", and tests/test_task_runs.py trains the smoke presets through the launcher.
+    "./run.sh prepare masked_lm": "subprocess",  # cached in cache/embedded_mlm, shared with tests/test_tasks.py
+    "./run.sh prepare image_classification": "subprocess",
+    "./run.sh widenet_mlm_smoke": "skip: a task preset: _check_training would check it against pretrain_widenet.py "
+                                  "(the pre-flight of recipes/pretrain_mlm.py passes it; test_task_runs trains it)",
+    "./run.sh widenet_vit_smoke": "skip: a task preset: _check_training would check it against pretrain_widenet.py "
+                                  "(the pre-flight of recipes/train_vit.py passes it; test_task_runs trains it)",
+    "./run.sh widenet_finetune_smoke --init-from runs/widenet_mlm_smoke":
+        "skip: needs the widenet_mlm_smoke run (tests/test_task_runs.py fine-tunes from a pretraining run)",
+    "deepspeed --num_gpus 8 recipes/pretrain_mlm.py --preset widenet_mlm_8e --data-path data/wiki_sentence_document "
+    "--tokenizer data/wiki.model --run-dir runs/widenet_mlm_8e": "skip: needs a Wikipedia dump prepared as shown",
+    "deepspeed --num_gpus 8 recipes/pretrain_mlm.py --preset widenet_mlm_16e --ds-set moe.ep_size=4 --resume auto":
+        "train",
+    "python data_prep/preprocess_data.py --input wiki/ --text-mode paragraph --sentences lines --no-append-eod "
+    "--tokenizer data/wiki.model --output-prefix data/wiki_sentence_document --workers 8":
+        "skip: needs a Wikipedia dump (tests/test_tasks.py builds the embedded corpus with sentences='lines')",
+    "deepspeed --num_gpus 1 recipes/finetune.py --config runs/widenet_mlm_8e/config.json --task classification "
+    "--init-from runs/widenet_mlm_8e --train-data glue/CoLA/train.tsv --valid-data glue/CoLA/dev.tsv --no-tsv-header "
+    "--text-columns 3 --label-column 1 --labels 0 1 --metric mcc --train-iters 800 --global-batch-size 32 --lr 2e-5 "
+    "--warmup-iters 80 --run-dir runs/cola": "skip: needs GLUE files and a pretrained widenet_mlm_8e run",
+    "deepspeed --num_gpus 8 recipes/train_vit.py --preset widenet_vit_b16 --train-data data/imagenet/train "
+    "--valid-data data/imagenet/val --ds-set moe.ep_size=4 --resume auto": "skip: needs ImageNet files",
     "python -m wider.study list": "subprocess",
     "python -m wider.study run smoke --jobs 2": "subprocess",  # tests/test_study.py checks what it writes
     "python -m wider.study plan widenet --scale cpu": "subprocess",

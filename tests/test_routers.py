@@ -132,6 +132,30 @@ def test_expert_choice_matches_the_loop_reference_with_ties_and_a_short_group(so
     torch.testing.assert_close(core.output_norm.weight.grad.double(), wr["ln_w"].grad, rtol=1e-4, atol=1e-5)
 
 
+def test_expert_choice_in_bf16_routes_as_fp32_and_matches_within_1e_2():
+    """The router runs in fp32 whatever the layer's dtype, so a bf16 layer makes the fp32 layer's choices on the
+    same (bf16-representable) input; its output and input gradient are within 1e-2 of the fp32 layer's, as relative
+    error in norm (elementwise, a few near-zero entries differ by more, as bf16 rounding makes them)."""
+    m32 = _layer("expert_choice", settings={"ec_group": 8})
+    m16 = _layer("expert_choice", settings={"ec_group": 8}).to(torch.bfloat16)
+    m16.deepspeed_moe.gate.wg.weight.data.copy_(m32.deepspeed_moe.gate.wg.weight.data.bfloat16())
+    m32.load_state_dict({k: v.float() for k, v in m16.state_dict().items()})
+    g = torch.Generator().manual_seed(7)
+    x16 = torch.randn(32, D, generator=g).bfloat16().requires_grad_(True)
+    x32 = x16.detach().float().requires_grad_(True)
+    assert _ec_pairs(x16.detach(), m16, 8) == _ec_pairs(x32.detach(), m32, 8)
+    y16, y32 = m16(x16)[0], m32(x32)[0]
+    assert y16.dtype == torch.bfloat16
+    def rel(a, b):
+        return float((a.float() - b).norm() / b.norm())
+
+    assert rel(y16, y32) <= 1e-2, rel(y16, y32)
+    probe = torch.randn(32, D, generator=g)
+    (y16.float() * probe).sum().backward()
+    (y32 * probe).sum().backward()
+    assert rel(x16.grad, x32.grad) <= 1e-2, rel(x16.grad, x32.grad)
+
+
 def test_per_position_groups_use_no_future_token_and_whole_batch_groups_do():
     """[s, b] = [6, 4] tokens. With 'position' groups, changing the tokens of positions 3-5 leaves positions 0-2
     unchanged; with 'batch' groups (Zhou et al.), it changes them. Evaluation: 'token_choice' is each token's top-k

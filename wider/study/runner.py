@@ -288,8 +288,8 @@ def read_study(out: str) -> Optional[dict]:
 
 
 def child_env(jobs: int) -> dict:
-    """One thread per run when several share the CPU cores (two concurrent single-thread runs trained 1.3x the
-    tokens of one two-thread run on two cores, DESIGN 11), unless OMP_NUM_THREADS is set."""
+    """One thread per run when several share the CPU cores (small models scale poorly across threads;
+    DESIGN 9), unless OMP_NUM_THREADS is set."""
     if "OMP_NUM_THREADS" in os.environ:
         return {}
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}

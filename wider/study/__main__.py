@@ -105,10 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return {"list": cmd_list, "plan": lambda a: cmd_plan(a, extra), "run": lambda a: cmd_run(a, extra),
                 "report": cmd_report}[args.command](args)
-    except (runner.StudyError, GridError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except SweepError as e:
+    except (runner.StudyError, GridError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from wider.launch import new_job_env
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -25,14 +27,10 @@ def free_port() -> int:
 
 
 def child_env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"})
-    env.pop("WIDER_FAULT_KILL_IN_SAVE", None)
     # An in-process test may have set up a process group in this pytest process (its rendezvous port is
     # still listening): a child must not inherit that rank layout.
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
-              "CROSS_RANK", "CROSS_SIZE"):
-        env.pop(k, None)
+    env = new_job_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    env.pop("WIDER_FAULT_KILL_IN_SAVE", None)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -254,7 +254,7 @@ def test_a_failed_arm_is_reported_as_failed(tmp_path, data_args):
     p = runner.plan(study, "cpu", str(tmp_path / "out"), data_args)
     runner.record_study(p, None)
     failed = runner.train(p.runs(), [PY], jobs=1, out=p.out, echo=lambda *_: None)
-    assert list(failed) == ["broken-s1"] and "exited with status 2" in failed["broken-s1"]
+    assert list(failed) == ["broken-s1"] and "exited with status 2" in failed["broken-s1"], failed
     assert "capacity_facter" in failed["broken-s1"]  # the log's tail names the cause
     assert runner.read_failures(p.out) == failed
     _, arms = R.write(p, runner.read_failures(p.out), runner.check_matches(p), None)

@@ -34,6 +34,20 @@ import sys
 from typing import Optional
 
 
+# Environment variables that describe one job's rank layout (a launcher's, or the one-rank default that
+# wider.parallel sets in its own process): a new job started from such a process must not inherit them, or it joins
+# a rendezvous port that is still listening.
+RANK_LAYOUT_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
+                    "CROSS_RANK", "CROSS_SIZE")
+
+
+def new_job_env(**extra: str) -> dict:
+    """This process's environment for a child that is a job of its own: no inherited rank layout, plus extra."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_LAYOUT_VARS}
+    env.update(extra)
+    return env
+
+
 def _recipe_args(argv: list) -> tuple[Optional[str], list]:
     """(the training script, its arguments) out of a deepspeed command line (DeepSpeed's own parser)."""
     from deepspeed.launcher import runner

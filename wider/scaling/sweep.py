@@ -53,6 +53,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from wider.files import atomic_path, atomic_write_json
+from wider.launch import new_job_env
 from wider.scaling.law import C_F, ScalingError
 
 COLUMNS = ("run", "preset", "N", "N_active", "D", "G", "E", "flops", "loss", "router", "d_model", "n_blocks",
@@ -388,7 +389,7 @@ def train_run(run: PlannedRun, launcher: Sequence[str], tag: str, echo=print,
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))).returncode
+                              env=new_job_env(PYTHONUNBUFFERED="1", **(env or {}))).returncode
     if code != 0 or _finished_loss(run.run_dir) is None:
         why = f"exited with status {code}" if code != 0 else "stopped before the end (no summary.json)"
         return (f"run {run.name} {why}; its log is {log}. Fix the cause and run the same command again: "

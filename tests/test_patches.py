@@ -3,9 +3,9 @@ go), and with the patch the behaviour is right."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,32 +15,68 @@ from conftest import REPO, child_env
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the upstream failure is CPU-only")
 
 
-def _upstream(code: str) -> subprocess.CompletedProcess:
-    """Run code against unpatched megatron-core in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=120)
-
-
-@needs_cpu_only
-def test_rope_patch_still_needed():
-    p = _upstream("""
+# Each snippet fails on CPU with unpatched megatron-core 0.16.1; they run in one fresh interpreter (one import of
+# megatron-core, not four), each in its own namespace, and report the traceback text they raised.
+UPSTREAM = {
+    "rope": """
         from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
         RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=True).get_emb(8)
-    """)
-    assert p.returncode != 0 and "CUDA" in p.stderr, "upstream RoPE runs on CPU now: delete patches/rope_cpu.py"
+    """,
+    "seed": """
+        from megatron.core.tensor_parallel import random
+        random.model_parallel_cuda_manual_seed(1, tp_rank=0, ep_rank=0, etp_rank=0)
+    """,
+    "recompute": """
+        import torch
+        from megatron.core import tensor_parallel
+        lin = torch.nn.Linear(4, 4)
+        x = torch.randn(2, 4, requires_grad=True)
+        tensor_parallel.checkpoint(lin, False, x).sum().backward()
+    """,
+    "kv_cache": """
+        import types, torch
+        from megatron.core.transformer.attention import Attention
+        Attention._allocate_memory(types.SimpleNamespace(num_query_groups_per_partition=2), 8, 1, 4, torch.float32)
+    """,
+}
+RUNNER = """
+import json, sys, textwrap, traceback
+out = {}
+for name, code in json.loads(sys.argv[1]).items():
+    try:
+        exec(textwrap.dedent(code), {})
+        out[name] = None
+    except BaseException:
+        out[name] = traceback.format_exc()
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def upstream() -> dict:
+    """snippet name -> the traceback it raised against unpatched megatron-core (None: it ran)."""
+    p = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(UPSTREAM)], cwd=REPO, env=child_env(),
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _fails_for_cuda(upstream: dict, name: str) -> bool:
+    return upstream[name] is not None and "CUDA" in upstream[name]
 
 
 @needs_cpu_only
-def test_seed_patch_still_needed():
-    p = _upstream("""
-        from megatron.core.tensor_parallel import random
-        random.model_parallel_cuda_manual_seed(1, tp_rank=0, ep_rank=0, etp_rank=0)
-    """)
-    assert p.returncode != 0 and "CUDA" in p.stderr, \
+def test_rope_patch_still_needed(upstream):
+    assert _fails_for_cuda(upstream, "rope"), "upstream RoPE runs on CPU now: delete patches/rope_cpu.py"
+
+
+@needs_cpu_only
+def test_seed_patch_still_needed(upstream):
+    assert _fails_for_cuda(upstream, "seed"), \
         "upstream seeding works without CUDA now: delete patches/cpu_rng_tracker.py"
 
 
-def test_recompute_patch_still_needed():
+def test_recompute_patch_still_needed(upstream):
     from megatron.core.tensor_parallel import random
 
     # Upstream recompute is still the reentrant autograd.Function that saves RNG states itself...
@@ -49,14 +85,7 @@ def test_recompute_patch_still_needed():
     if torch.cuda.is_available():
         return
     # ... and on CPU it fails outright.
-    p = _upstream("""
-        import torch
-        from megatron.core import tensor_parallel
-        lin = torch.nn.Linear(4, 4)
-        x = torch.randn(2, 4, requires_grad=True)
-        tensor_parallel.checkpoint(lin, False, x).sum().backward()
-    """)
-    assert p.returncode != 0 and "CUDA" in p.stderr, \
+    assert _fails_for_cuda(upstream, "recompute"), \
         "upstream recompute runs on CPU now: re-check patches/nonreentrant_recompute.py"
 
 
@@ -146,13 +175,8 @@ def test_nonreentrant_recompute_gives_same_grads_and_fires_shared_hooks_once():
 
 
 @needs_cpu_only
-def test_kv_cache_patch_still_needed():
-    p = _upstream("""
-        import types, torch
-        from megatron.core.transformer.attention import Attention
-        Attention._allocate_memory(types.SimpleNamespace(num_query_groups_per_partition=2), 8, 1, 4, torch.float32)
-    """)
-    assert p.returncode != 0 and "CUDA" in p.stderr, \
+def test_kv_cache_patch_still_needed(upstream):
+    assert _fails_for_cuda(upstream, "kv_cache"), \
         "upstream allocates the inference KV cache without CUDA now: delete patches/kv_cache_cpu.py"
 
 

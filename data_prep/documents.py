@@ -10,10 +10,11 @@ Supported inputs (directories expand to the supported files inside them, sorted)
 from __future__ import annotations
 
 import gzip
-import json
 import lzma
 import os
 from typing import Iterator
+
+from wider.files import read_jsonl
 
 TEXT_EXT = (".txt", ".txt.gz", ".txt.xz")
 JSONL_EXT = (".jsonl", ".json", ".jsonl.gz", ".jsonl.xz", ".json.gz", ".json.xz")
@@ -56,16 +57,9 @@ def expand_inputs(paths: list[str]) -> list[str]:
 
 def _iter_jsonl(path: str, key: str) -> Iterator[str]:
     with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataPrepError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove the line") from None
-            if not isinstance(obj, dict) or key not in obj:
-                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise DataPrepError(f"{path}:{lineno}: no key {key!r} (the line has {keys}); choose the text "
+        for lineno, obj in read_jsonl(f, path, DataPrepError):
+            if key not in obj:
+                raise DataPrepError(f"{path}:{lineno}: no key {key!r} (the line has {sorted(obj)}); choose the text "
                                     "field with --json-key")
             text = obj[key]
             if not isinstance(text, str):

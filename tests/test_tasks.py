@@ -182,6 +182,7 @@ def mlm_samples(single_rank, embedded_mlm, tmp_path_factory):
 
     cfg = _cfg("widenet_mlm_smoke", seq_length=128)
     cfg.data.short_sequence_probability = 0.0
+    cfg.data.masking_probability = 0.15  # BERT's (the smoke preset predicts 30%)
     tok = SentencePieceTokenizer(embedded_mlm["tokenizer"])
     splits = task_of(cfg).build_data(tok, 400, 8, str(tmp_path_factory.mktemp("mlm_index")))
     return cfg, tok, splits

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 @contextlib.contextmanager
@@ -43,6 +43,23 @@ def atomic_write_json(path: str, obj) -> None:
 def atomic_write_jsonl(path: str, records: list) -> None:
     """One JSON object per line (UTF-8 kept as is), atomically."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(lines: Iterable[str], path: str, error: type = ValueError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a JSONL file, read from `lines` (an open text file,
+    compressed or not). A line that is not a JSON object raises `error` naming the file and the line; the readers of
+    datasets, classification files and evaluation tasks share this one rule."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{lineno}: invalid JSON ({e.msg}); the file is damaged or not JSONL (one JSON object "
+                        "per line)") from None
+        if not isinstance(obj, dict):
+            raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__} (one object per line)")
+        yield lineno, obj
 
 
 def sha256_file(path: str) -> str:

@@ -48,12 +48,12 @@ the note says so, and the harness's definition is the one used.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from wider.eval.scoring import EvalError
+from wider.files import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -68,20 +68,10 @@ class TaskSpec:
 
 def _jsonl(path: str, limit: Optional[int]):
     """(line number, object) of a JSONL file, up to `limit` objects."""
-    n = 0
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        for n, (lineno, obj) in enumerate(read_jsonl(f, path, EvalError)):
             if limit is not None and n >= limit:
                 return
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path}:{lineno}: invalid JSON ({e.msg}); the file is damaged or not JSONL") from None
-            if not isinstance(obj, dict):
-                raise EvalError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            n += 1
             yield lineno, obj
 
 

@@ -20,7 +20,6 @@ sets them against the majority class of the held-out set.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from wider.data import DataError, Splits
+from wider.files import read_jsonl
 from wider.tasks.base import EpochCycle, EvalResult, Task, confusion_metrics, confusion_sums, majority_share
 
 TSV = (".tsv", ".txt")
@@ -93,19 +93,9 @@ def _tsv_rows(path: str, header: bool):
     return numbered, None
 
 
-def _jsonl_rows(path: str):
-    out = []
+def _jsonl_rows(path: str) -> list:
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {i} is not JSON ({e}); give one JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path} line {i} is not a JSON object; give one object per line")
-                out.append((i, row))
-    return out
+        return list(read_jsonl(f, path, DataError))
 
 
 def _column_positions(path: str, columns: list, names: Optional[list]) -> list:

@@ -3,7 +3,7 @@ BERT dataset over a sentence-level indexed dataset.
 
 Data. megatron-core's BERTMaskedWordPieceDataset (megatron/core/datasets/bert_dataset.py) reads an indexed dataset
 whose sequences are sentences grouped into documents (data_prep/preprocess_data.py --sentences lines; the embedded
-corpus: one verse per sentence, one chapter per document). A sample is [CLS] A [SEP] B [SEP] from consecutive
+corpus: the verses' clauses as sentences, one chapter per document). A sample is [CLS] A [SEP] B [SEP] from consecutive
 sentences of one document, cut to seq_length (data.short_sequence_probability of them shorter); with probability 0.5
 the two segments are swapped, which is ALBERT's sentence-order prediction (the label is 1 for a swapped pair).
 data.masking_probability of the tokens are predicted, in whole-word n-grams (n <= data.masking_max_ngram,

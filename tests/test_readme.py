@@ -102,15 +102,12 @@ CASES = {
     "python recipes/generate.py --checkpoint runs/widenet_smoke --prompt-file prompts.jsonl --json-key text "
     "--num-samples 4 --temperature 0.8 --top-p 0.9 --seed 7 --output samples.jsonl": "inprocess",
     'python recipes/generate.py --checkpoint runs/widenet_smoke --prompt "In the beginning" --no-cache': "inprocess",
-    # The tasks (DESIGN 5.8). ./run.sh launches a task preset through its task's recipe (wider.tasks.recipe_for), which
-    # _check_training's ./run.sh branch does not follow (it checks recipes/pretrain_<arch>.py); the recipe lines below
-    # are checked as "train", and tests/test_task_runs.py trains the smoke presets through the launcher.
+    # The tasks (DESIGN 5.8). ./run.sh launches a task preset through its task's recipe (wider.tasks.recipe_for), and
+    # so does _check_training; tests/test_task_runs.py trains the smoke presets through the launcher.
     "./run.sh prepare masked_lm": "subprocess",  # cached in cache/embedded_mlm, shared with tests/test_tasks.py
     "./run.sh prepare image_classification": "subprocess",
-    "./run.sh widenet_mlm_smoke": "skip: a task preset: _check_training would check it against pretrain_widenet.py "
-                                  "(the pre-flight of recipes/pretrain_mlm.py passes it; test_task_runs trains it)",
-    "./run.sh widenet_vit_smoke": "skip: a task preset: _check_training would check it against pretrain_widenet.py "
-                                  "(the pre-flight of recipes/train_vit.py passes it; test_task_runs trains it)",
+    "./run.sh widenet_mlm_smoke": "train",  # tests/test_task_runs.py trains the smoke presets
+    "./run.sh widenet_vit_smoke": "train",
     "./run.sh widenet_finetune_smoke --init-from runs/widenet_mlm_smoke":
         "skip: needs the widenet_mlm_smoke run (tests/test_task_runs.py fine-tunes from a pretraining run)",
     "deepspeed --num_gpus 8 recipes/pretrain_mlm.py --preset widenet_mlm_8e --data-path data/wiki_sentence_document "
@@ -223,12 +220,14 @@ def _check_training(argv: list[str], monkeypatch) -> None:
     the world size its launcher line gives; nothing is written."""
     from wider import preflight, presets
     from wider.launch import _recipe_args, world_size
+    from wider.tasks import recipe_for
 
     if argv[0] == "./run.sh":
         rest = argv[1:]
         named = bool(rest) and not rest[0].startswith("-")
         preset = rest[0] if named else "widenet_smoke"  # ./run.sh's DEFAULT_PRESET
-        script = f"recipes/pretrain_{presets.get(preset).model.arch}.py"
+        model = presets.get(preset).model
+        script = recipe_for(model.arch, model.task)  # as ./run.sh chooses it
         args, world = ["--preset", preset, *(rest[1:] if named else rest)], 2
     else:
         script, args = _recipe_args(argv[1:])

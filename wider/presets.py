@@ -552,10 +552,12 @@ def widenet_vit_smoke() -> RunConfig:
         model=dict(task="image_classification", num_layers=4, hidden_size=64, num_attention_heads=4,
                    moe_ffn_hidden_size=256, image_size=8, patch_size=2, num_channels=1, num_labels=10,
                    position_embedding="learned_absolute", tie_embeddings=False),
-        data=dict(train_data=f"{EMBEDDED_DIGITS}/train", valid_data=f"{EMBEDDED_DIGITS}/val", image_crop_scale=0.7,
+        data=dict(train_data=f"{EMBEDDED_DIGITS}/train", valid_data=f"{EMBEDDED_DIGITS}/val", image_crop_scale=0.9,
                   image_flip=False, randaugment_ops=0, mixup_alpha=0.0, label_smoothing=0.0),
-        train=dict(micro_batch_size=32, global_batch_size=64, train_iters=200, lr=2e-3, min_lr=1e-4, warmup_iters=10,
-                   weight_decay=0.05, eval_interval=0, log_interval=20),
+        # 1500 steps (67 epochs of the 1,442 training digits): 1000 steps with crops down to 0.7 of the area reached
+        # 0.87 held-out, this 0.94 (benchmarks/RESULTS.md).
+        train=dict(micro_batch_size=32, global_batch_size=64, train_iters=1500, lr=2e-3, min_lr=1e-4, warmup_iters=10,
+                   weight_decay=0.05, eval_interval=0, log_interval=100),
     )
 
 

@@ -215,9 +215,10 @@ def _run_inprocess(argv: list[str], cwd: Path, monkeypatch) -> int:
     return importlib.import_module(f"wider.commands.{Path(script).stem}").main(args)
 
 
-def _check_training(argv: list[str], monkeypatch) -> None:
+def _check_training(argv: list[str], workdir) -> None:
     """A training command's flags parsed as its recipe parses them and every input checked (wider.preflight), for
-    the world size its launcher line gives; nothing is written."""
+    the world size its launcher line gives; nothing is written. A ./run.sh line without --run-dir is checked against
+    a fresh run directory in the work directory (the repository's runs/ may hold the user's own runs of it)."""
     from wider import preflight, presets
     from wider.launch import _recipe_args, world_size
     from wider.tasks import recipe_for
@@ -229,6 +230,8 @@ def _check_training(argv: list[str], monkeypatch) -> None:
         model = presets.get(preset).model
         script = recipe_for(model.arch, model.task)  # as ./run.sh chooses it
         args, world = ["--preset", preset, *(rest[1:] if named else rest)], 2
+        if "--run-dir" not in args:
+            args += ["--run-dir", str(workdir / "runs" / f"check_{preset}")]
     else:
         script, args = _recipe_args(argv[1:])
         world = world_size(argv[1:]) if "--num_gpus" in argv else None
@@ -245,7 +248,7 @@ def test_readme_commands_run(workdir, monkeypatch, capsys):
             # The preset's own data (the embedded corpus) is relative to the repository; the README's data/... is
             # what its data_prep commands made in the work directory.
             monkeypatch.chdir(workdir if "data/" in cmd else REPO)
-            _check_training(argv, monkeypatch)
+            _check_training(argv, workdir)
         elif how == "inprocess":
             rc = _run_inprocess(argv, workdir, monkeypatch)
             out = capsys.readouterr()

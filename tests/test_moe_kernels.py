@@ -64,6 +64,28 @@ def test_grouped_gemm_path_equals_reference_path_fp32(single_rank, E, k, cf):
     assert fast[2][1][-2:].abs().sum() == 0 and fast[2][2][-2:].abs().sum() == 0
 
 
+def _expert_choice(dtype=torch.float32, device="cpu", group: int = 32):
+    """16 experts, k 4, Expert Choice in routing groups of `group` tokens (issue 17's router)."""
+    from wider.moe.layer import MoE
+
+    torch.manual_seed(0)
+    s = MoESettings(capacity_factor=1.0, eval_capacity_factor=1.0, ec_group=group, aux_loss_weight=0.0)
+    return MoE(MoEConfig(hidden_size=D, num_experts=16, top_k=4, ffn_size=F, selection="expert_choice", settings=s,
+                         init_std=0.3, output_std=0.3)).to(device=device, dtype=dtype)
+
+
+def test_expert_choice_plan_through_the_grouped_gemm_equals_the_loop(single_rank):
+    """An Expert Choice plan is a plan with known per-expert counts: the grouped GEMM runs it as the loop does."""
+    moe = _expert_choice()
+    x = _x(96)
+    fast = _run(moe, x, "grouped_mm")
+    r = moe.records[-1]
+    assert r.kept_E.tolist() == [3 * 8] * 16  # each expert takes its capacity (32 x 4 / 16) in each of 3 groups
+    ref = _run(moe, x, "loop")
+    for a, b in zip(fast[:2] + tuple(fast[2]), ref[:2] + tuple(ref[2])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("cf", [None, 0.75])
 def test_more_experts_than_one_grouped_gemm_call_takes(single_rank, monkeypatch, cf):
     """Above experts.MAX_GROUPS experts (torch's grouped GEMM takes fewer than 1024 groups, and the
@@ -146,6 +168,33 @@ def test_cuda_bf16_fast_path_without_host_sync(cf):
     finally:
         parallel.destroy()
 
+
+
+@cuda
+def test_cuda_bf16_fast_path_routes_expert_choice_without_host_sync():
+    """Expert Choice on the CUDA fast path (compiled routing, grouped GEMM, Triton gathers) in bf16: forward and
+    backward without a device-to-host copy, within 1e-2 of the reference path (output, input gradient, every
+    parameter gradient). Not run on CPU machines: the GPU issue's first step runs the CUDA tests."""
+    from wider import parallel
+
+    parallel.init_distributed(1)
+    try:
+        moe = _expert_choice(torch.bfloat16, "cuda", group=1024)
+        assert moe.deepspeed_moe.experts.kernel_name(torch.device("cuda"), torch.bfloat16) == "grouped_mm"
+        x = _x(4096).cuda().bfloat16()
+        _run(moe, x, "auto")  # compiles the routing (outside the sync check: compilation may synchronise)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fast = _run(moe, x, "auto")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ref = _reference_path(moe, x)
+        for name, a, b in zip(("output", "x grad", "router", "w1", "w2"), fast[:2] + tuple(fast[2]),
+                              ref[:2] + tuple(ref[2])):
+            assert torch.isfinite(a).all(), name
+            assert _rel(a, b) < 1e-2, (name, _rel(a, b))
+    finally:
+        parallel.destroy()
 
 @cuda
 def test_triton_gathers_equal_torch_gathers_and_skip_unwritten_rows():
